@@ -1,0 +1,129 @@
+//! Map keys and values shared by the eBPF programs and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding, so both sides agree on
+//! the layout byte for byte. Changing any of them means bumping
+//! [`LAYOUT_VERSION`], which moves the pinned maps to a new directory.
+#![no_std]
+
+/// Version of the pinned map layout. Maps live under `maps-v<N>/`.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The outbound listener every enrolled pod gets, on 127.0.0.1.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Most ports and CIDRs a pod can exclude from redirection.
+pub const MAX_EXCLUDED_PORTS: usize = 16;
+pub const MAX_EXCLUDED_CIDRS: usize = 8;
+
+/// Entries in the original-destination maps. One per connection in flight
+/// between connect() and the proxy's accept(), plus one per live redirected
+/// socket for getpeername(); LRU eviction beyond that is counted.
+pub const ORIG_DST_ENTRIES: u32 = 262_144;
+pub const MAX_ENROLLED_PODS: u32 = 4096;
+
+/// What connect4/6 decided, as an index into the `DECISIONS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Redirected = 0,
+    NotEnrolled = 1,
+    Excluded = 2,
+    OwnSocket = 3,
+    Denied = 4,
+    FailOpen = 5,
+    FailClosed = 6,
+    OrigDstMiss = 7,
+}
+
+impl Decision {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Decision; Self::COUNT as usize] = [
+        Decision::Redirected,
+        Decision::NotEnrolled,
+        Decision::Excluded,
+        Decision::OwnSocket,
+        Decision::Denied,
+        Decision::FailOpen,
+        Decision::FailClosed,
+        Decision::OrigDstMiss,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Decision::Redirected => "redirected",
+            Decision::NotEnrolled => "not_enrolled",
+            Decision::Excluded => "excluded",
+            Decision::OwnSocket => "own_socket",
+            Decision::Denied => "denied",
+            Decision::FailOpen => "fail_open",
+            Decision::FailClosed => "fail_closed",
+            Decision::OrigDstMiss => "orig_dst_miss",
+        }
+    }
+}
+
+/// What pods get while no agent listens: pass straight through, or refuse.
+pub const FAIL_OPEN: u32 = 0;
+pub const FAIL_CLOSED: u32 = 1;
+
+/// Node-wide settings, the single entry of the `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// cgroup v2 id of the agent: sockets it connects are its own and are
+    /// never redirected. Pods cannot change which cgroup they run in.
+    pub agent_cgroup_id: u64,
+    pub fail_mode: u32,
+    pub _pad: u32,
+}
+
+/// A CIDR in network byte order; `mask` has the prefix bits set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr4 {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+/// One enrolled pod, keyed by the netns cookie of its network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Destination ports (host order) that are never redirected.
+    pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+    pub excluded_cidrs: [Cidr4; MAX_EXCLUDED_CIDRS],
+    pub n_excluded_ports: u32,
+    pub n_excluded_cidrs: u32,
+}
+
+/// The destination the app passed to connect(), IPv4 in network order.
+/// IPv4-mapped IPv6 destinations are stored as their IPv4 address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub ip4: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `ORIG_DST`: the redirected socket's netns and local port, which is
+/// what the proxy sees as the peer of the accepted connection. The netns
+/// cookie keeps identical loopback tuples in different pods apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are repr(C) plain data with explicit padding.
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::PodConfig {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+}
