@@ -1,5 +1,21 @@
 //! weir, the node agent: eBPF redirect of enrolled pods' connections into a
 //! per-node proxy. `main.rs` is the command line; the pieces live here so
 //! that the test sandbox can share them.
+//!
+//! The data path, in the order a connection meets it:
+//! - `datapath`: the eBPF programs and their maps (connect4/6 redirect);
+//! - `enrollment`: which pods are redirected, kept in step with `model`;
+//! - `inpod`: per-pod socket factories inside each pod's namespace;
+//! - `proxy`: the outbound listener, destination choice and byte copying;
+//! - `metrics` and `admin`: what the agent reports.
 
+pub mod admin;
+pub mod cgroup;
+pub mod datapath;
+pub mod enrollment;
+pub mod inpod;
+pub mod metrics;
+pub mod model;
 pub mod netns;
+pub mod proxy;
+pub mod run;

@@ -1,1 +1,146 @@
-fn main() {}
+//! The `weir` command line.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weir::datapath::{self, PinDir};
+use weir::run::{FailMode, RunConfig};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Sidecar-free service mesh node agent")]
+struct Cli {
+    #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Check manifests offline with the same rules the agent applies.
+    Validate {
+        /// A manifest file or a directory of them.
+        path: PathBuf,
+    },
+    /// Remove every program, link, map and pin of a node. Stop the agent first.
+    Uninstall {
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name; pods with this spec.nodeName are enrolled.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Directory of Kubernetes YAML manifests, watched for changes.
+    #[arg(long, env = "WEIR_MANIFESTS")]
+    manifests: PathBuf,
+    /// cgroup v2 directory to attach to [default: the cgroup2 mount].
+    #[arg(long, env = "WEIR_CGROUP")]
+    cgroup: Option<PathBuf>,
+    /// Directory of network namespace files searched for pod IPs.
+    #[arg(long, env = "WEIR_NETNS_DIR", default_value = "/var/run/netns")]
+    netns_dir: PathBuf,
+    /// What enrolled pods get while no agent runs.
+    #[arg(long, env = "WEIR_FAIL_MODE", value_enum, default_value_t = FailMode::Open)]
+    fail_mode: FailMode,
+    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    #[arg(long, env = "WEIR_HEALTH_ADDR", default_value = "0.0.0.0:15021")]
+    health_addr: SocketAddr,
+    #[arg(long, env = "WEIR_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Seconds to let live connections finish after SIGTERM.
+    #[arg(long, env = "WEIR_DRAIN_SECONDS", default_value_t = 5)]
+    drain_seconds: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Validate { path } => return validate(&path),
+        Command::Uninstall { node } => uninstall(&node),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = RunConfig {
+        node: args.node,
+        manifests: args.manifests,
+        cgroup: args.cgroup,
+        netns_dir: args.netns_dir,
+        fail_mode: args.fail_mode,
+        metrics_addr: args.metrics_addr,
+        health_addr: args.health_addr,
+        admin_addr: args.admin_addr,
+        drain: Duration::from_secs(args.drain_seconds),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(weir::run::run(config))
+}
+
+fn validate(path: &std::path::Path) -> ExitCode {
+    match weir::model::manifests::validate(path) {
+        Ok(warnings) => {
+            for warning in &warnings {
+                println!("warning: {warning}");
+            }
+            println!("{}: valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for error in &errors {
+                println!("error: {error}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn uninstall(node: &str) -> anyhow::Result<()> {
+    let pins = PinDir::for_node(node);
+    if datapath::uninstall(&pins)? {
+        tracing::info!(pins = %pins.path().display(), "removed every program, link and map");
+    } else {
+        tracing::info!(pins = %pins.path().display(), "nothing installed");
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

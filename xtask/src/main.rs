@@ -1,1 +1,84 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands.
+
+mod demo;
+mod setup;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every missing prerequisite: Debian packages, rust-src,
+    /// bpf-linker, cargo-nextest, and mount bpffs. Safe to run again.
+    Setup,
+    /// Build the eBPF object (what `cargo build -p weir` also does).
+    BuildEbpf,
+    /// Show an enrolled pod's traffic taken over, in a sandbox.
+    Demo {
+        /// Leave the sandbox and agents running to explore.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run setup, then every unit and integration test (as root).
+    Test {
+        /// Extra arguments for cargo nextest, such as a test name filter.
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build_agent(),
+        Task::Demo { keep } => {
+            setup::run()?;
+            build_agent()?;
+            demo::run(keep)
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            build_agent()?;
+            cargo(&["nextest", "run", "--workspace", "--no-fail-fast"], &args)
+        }
+    }
+}
+
+/// Builds the agent, whose build script builds and embeds the eBPF object.
+fn build_agent() -> anyhow::Result<()> {
+    cargo(&["build", "--package", "weir", "--bins"], &[])?;
+    println!(
+        "built {}",
+        workspace_root().join("target/debug/weir").display()
+    );
+    Ok(())
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .args(extra)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}

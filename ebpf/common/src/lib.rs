@@ -73,6 +73,9 @@ pub struct Settings {
     /// cgroup v2 id of the agent: sockets it connects are its own and are
     /// never redirected. Pods cannot change which cgroup they run in.
     pub agent_cgroup_id: u64,
+    /// Identifies the agent build that installed the programs; a restart of
+    /// the same build reuses them.
+    pub build_id: u64,
     pub fail_mode: u32,
     pub _pad: u32,
 }

@@ -1,0 +1,244 @@
+//! Keeps the set of enrolled pods in step with the model.
+//!
+//! For each pod that should be enrolled on this node, the agent finds the
+//! pod's network namespace by IP, starts the pod's socket factory, opens the
+//! outbound listener inside it, and then writes the pod into the eBPF maps.
+//! Only then does connect4 redirect the pod's connections. A pod that goes
+//! away or is unlabelled loses its map entry and its listener.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use weir_common::{Cidr4, OUTBOUND_PORT, PodConfig};
+
+use crate::datapath::maps::{EnrolledMap, ListenerMap};
+use crate::inpod::{NetnsFinder, SocketFactory};
+use crate::model::{Cluster, Workload, WorkloadKey};
+use crate::netns::NetNs;
+use crate::proxy::ProxyContext;
+use crate::proxy::outbound::{self, PodProxy};
+
+/// An enrolled pod, as `/config_dump` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnrolledPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: IpAddr,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub excluded_ports: Vec<u16>,
+    pub excluded_cidrs: Vec<String>,
+}
+
+struct Enrolled {
+    summary: EnrolledPod,
+    config: PodConfig,
+    serving: JoinHandle<()>,
+}
+
+impl Drop for Enrolled {
+    /// Ending the task drops the listener; the kernel then drops it from
+    /// the listener map too.
+    fn drop(&mut self) {
+        self.serving.abort();
+    }
+}
+
+pub struct Enrollment {
+    node: String,
+    finder: NetnsFinder,
+    ctx: Arc<ProxyContext>,
+    enrolled_map: EnrolledMap,
+    listeners: ListenerMap,
+    pods: HashMap<WorkloadKey, Enrolled>,
+    /// When each pod that still waits for enrollment was first wanted.
+    waiting: HashMap<WorkloadKey, Instant>,
+    /// Namespace files by address, from the last scan.
+    netns_by_ip: HashMap<IpAddr, PathBuf>,
+    summary: Arc<Mutex<Vec<EnrolledPod>>>,
+}
+
+impl Enrollment {
+    pub fn new(
+        node: String,
+        finder: NetnsFinder,
+        ctx: Arc<ProxyContext>,
+        enrolled_map: EnrolledMap,
+        listeners: ListenerMap,
+    ) -> Enrollment {
+        Enrollment {
+            node,
+            finder,
+            ctx,
+            enrolled_map,
+            listeners,
+            pods: HashMap::new(),
+            waiting: HashMap::new(),
+            netns_by_ip: HashMap::new(),
+            summary: Arc::default(),
+        }
+    }
+
+    /// What `/config_dump` and the metrics read, updated after each pass.
+    pub fn summary(&self) -> Arc<Mutex<Vec<EnrolledPod>>> {
+        self.summary.clone()
+    }
+
+    pub fn listener_count(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// One pass: enroll what is missing, update what changed, and remove
+    /// what is no longer wanted, including entries an earlier agent left.
+    /// Returns how many wanted pods are still waiting.
+    pub async fn reconcile(&mut self, cluster: &Cluster) -> usize {
+        let node = self.node.clone();
+        let wanted: HashMap<WorkloadKey, (&Workload, Ipv4Addr)> = cluster
+            .enrolled_on(&node)
+            .filter_map(|w| Some((w.key(), (w, first_ipv4(w)?))))
+            .collect();
+
+        self.pods.retain(|key, pod| {
+            let keep = wanted
+                .get(key)
+                .is_some_and(|(_, ip)| pod.summary.ip == IpAddr::V4(*ip));
+            if !keep {
+                info!(pod = %key, "unenrolled");
+            }
+            keep
+        });
+        self.waiting.retain(|key, _| wanted.contains_key(key));
+        let live: Vec<u64> = self.pods.values().map(|p| p.summary.netns_cookie).collect();
+        for cookie in self.enrolled_map.cookies() {
+            if !live.contains(&cookie) {
+                let _ = self.enrolled_map.remove(cookie);
+            }
+        }
+
+        for (key, (workload, ip)) in &wanted {
+            let config = pod_config(workload);
+            if let Some(pod) = self.pods.get_mut(key) {
+                if pod.config != config {
+                    pod.config = config;
+                    pod.summary.excluded_ports = workload.excluded_ports.clone();
+                    pod.summary.excluded_cidrs = workload
+                        .excluded_cidrs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    if let Err(e) = self.enrolled_map.insert(pod.summary.netns_cookie, &config) {
+                        warn!(pod = %key, error = %e, "updating exclusions failed");
+                    }
+                }
+                continue;
+            }
+            let since = *self.waiting.entry(key.clone()).or_insert_with(Instant::now);
+            match self.enroll(key, workload, *ip, config).await {
+                Ok(Some(pod)) => {
+                    info!(pod = %key, ip = %ip, netns = %pod.summary.netns.display(), took_ms = since.elapsed().as_millis() as u64, "enrolled");
+                    self.waiting.remove(key);
+                    self.pods.insert(key.clone(), pod);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(pod = %key, error = %e, "enrollment failed; will retry"),
+            }
+        }
+        let mut summary: Vec<_> = self.pods.values().map(|p| p.summary.clone()).collect();
+        summary.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        *self.summary.lock().unwrap() = summary;
+        self.waiting.len()
+    }
+
+    /// Enrolls one pod; `None` while its network namespace is not found.
+    async fn enroll(
+        &mut self,
+        key: &WorkloadKey,
+        workload: &Workload,
+        ip: Ipv4Addr,
+        config: PodConfig,
+    ) -> anyhow::Result<Option<Enrolled>> {
+        let ip = IpAddr::V4(ip);
+        if !self.netns_by_ip.contains_key(&ip) {
+            self.netns_by_ip = self.finder.scan()?;
+        }
+        let Some(path) = self.netns_by_ip.get(&ip).cloned() else {
+            return Ok(None);
+        };
+        let netns = NetNs::open(&path)?;
+        let factory = SocketFactory::start(&netns, &workload.name)?;
+        let cookie = factory.netns_cookie();
+        let listener = factory
+            .listener(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))
+            .await?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        self.listeners.insert(cookie, &listener)?;
+        self.enrolled_map.insert(cookie, &config)?;
+        let proxy = Arc::new(PodProxy {
+            key: key.clone(),
+            factory,
+        });
+        let serving = tokio::spawn(outbound::serve(listener, proxy, self.ctx.clone()));
+        Ok(Some(Enrolled {
+            summary: EnrolledPod {
+                namespace: workload.namespace.clone(),
+                name: workload.name.clone(),
+                ip,
+                netns: path,
+                netns_cookie: cookie,
+                excluded_ports: workload.excluded_ports.clone(),
+                excluded_cidrs: workload
+                    .excluded_cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            },
+            config,
+            serving,
+        }))
+    }
+
+    /// Closes every listener but keeps the pods in the enrolled map, so that
+    /// while no agent runs the fail mode applies to them.
+    pub fn stop_listening(&mut self) {
+        self.pods.clear();
+    }
+}
+
+fn first_ipv4(workload: &Workload) -> Option<Ipv4Addr> {
+    workload.ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// The eBPF view of a pod's exclusions. Only IPv4 CIDRs matter: native IPv6
+/// is never redirected. The model caps the counts at the map's sizes.
+fn pod_config(workload: &Workload) -> PodConfig {
+    let mut config = PodConfig::default();
+    for (slot, port) in config
+        .excluded_ports
+        .iter_mut()
+        .zip(&workload.excluded_ports)
+    {
+        *slot = *port;
+        config.n_excluded_ports += 1;
+    }
+    let cidrs = workload.excluded_cidrs.iter().filter_map(|net| match net {
+        ipnet::IpNet::V4(v4) => Some(Cidr4 {
+            addr: u32::from(v4.network()).to_be(),
+            mask: u32::from(v4.netmask()).to_be(),
+        }),
+        ipnet::IpNet::V6(_) => None,
+    });
+    for (slot, cidr) in config.excluded_cidrs.iter_mut().zip(cidrs) {
+        *slot = cidr;
+        config.n_excluded_cidrs += 1;
+    }
+    config
+}

@@ -1,0 +1,227 @@
+//! `weir run`: the agent's life from attach to drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+use weir_common::{
+    Decision, FAIL_CLOSED, FAIL_OPEN, MAX_ENROLLED_PODS, ORIG_DST_ENTRIES, Settings,
+};
+
+use crate::admin::{self, AgentView, Endpoint};
+use crate::cgroup;
+use crate::datapath::maps::{DecisionCounters, SocketMap};
+use crate::datapath::{Datapath, PinDir};
+use crate::enrollment::{EnrolledPod, Enrollment};
+use crate::inpod::NetnsFinder;
+use crate::metrics::{DatapathStats, Metrics};
+use crate::model::{self, Cluster};
+use crate::proxy::{Balancer, Connections, ProxyContext};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailMode {
+    /// Pods connect directly, unmeshed.
+    Open,
+    /// Pods' connections are refused.
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct RunConfig {
+    pub node: String,
+    pub manifests: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub netns_dir: PathBuf,
+    pub fail_mode: FailMode,
+    pub metrics_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub drain: Duration,
+}
+
+/// How often pods that wait for their namespace are looked for again.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    raise_nofile_limit();
+    let mount = cgroup::cgroup2_mount().context("finding the cgroup2 mount")?;
+    let cgroup = config.cgroup.clone().unwrap_or_else(|| mount.clone());
+    let own = mount.join(cgroup::own_cgroup()?);
+    let settings = Settings {
+        agent_cgroup_id: cgroup::cgroup_id(&own)
+            .with_context(|| format!("reading {}", own.display()))?,
+        fail_mode: match config.fail_mode {
+            FailMode::Open => FAIL_OPEN,
+            FailMode::Closed => FAIL_CLOSED,
+        },
+        ..Settings::default()
+    };
+    let pins = PinDir::for_node(&config.node);
+    let (datapath, start) = Datapath::open(&pins, &cgroup, settings)
+        .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+    info!(node = %config.node, cgroup = %cgroup.display(), ?start, fail_mode = ?config.fail_mode, "programs attached");
+
+    let manifests = model::watch(config.manifests.clone())
+        .with_context(|| format!("loading manifests from {}", config.manifests.display()))?;
+    let mut clusters = manifests.subscribe();
+    let maps = datapath.maps;
+    let ctx = Arc::new(ProxyContext {
+        cluster: clusters.clone(),
+        orig_dst: Mutex::new(maps.orig_dst),
+        metrics: Arc::new(Metrics::default()),
+        balancer: Balancer::default(),
+        orig_dst_misses: Default::default(),
+        connections: Arc::new(Connections::default()),
+    });
+    let mut enrollment = Enrollment::new(
+        config.node.clone(),
+        NetnsFinder::new(config.netns_dir.clone()),
+        ctx.clone(),
+        maps.enrolled,
+        maps.listeners,
+    );
+    let agent = Arc::new(Agent {
+        node: config.node.clone(),
+        ctx: ctx.clone(),
+        enrolled: enrollment.summary(),
+        sockets: maps.sockets,
+        decisions: maps.decisions,
+        ready: AtomicBool::new(false),
+    });
+    for (endpoint, addr) in [
+        (Endpoint::Metrics, config.metrics_addr),
+        (Endpoint::Health, config.health_addr),
+        (Endpoint::Admin, config.admin_addr),
+    ] {
+        let view: Arc<dyn AgentView> = agent.clone();
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("binding {endpoint:?} on {addr}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(endpoint, listener, view).await {
+                warn!(?endpoint, error = %e, "endpoint stopped");
+            }
+        });
+    }
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut retry = tokio::time::interval(RETRY);
+    loop {
+        let cluster = clusters.borrow_and_update().clone();
+        let waiting = enrollment.reconcile(&cluster).await;
+        ctx.metrics.retain_known(&cluster);
+        if !agent.ready.swap(true, Relaxed) {
+            info!(
+                enrolled = agent.enrolled.lock().unwrap().len(),
+                waiting, "ready"
+            );
+        }
+        tokio::select! {
+            changed = clusters.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("manifest watcher stopped");
+                }
+            }
+            _ = retry.tick(), if waiting > 0 => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    // Drain: stop accepting, let live connections finish, keep the pins so
+    // that the next agent takes over the same programs and links.
+    agent.ready.store(false, Relaxed);
+    enrollment.stop_listening();
+    let live = ctx.connections.live();
+    info!(live, drain = ?config.drain, "draining");
+    if tokio::time::timeout(config.drain, ctx.connections.idle())
+        .await
+        .is_err()
+    {
+        warn!(live = ctx.connections.live(), "drain timed out");
+    }
+    info!("stopped; programs and maps stay pinned");
+    Ok(())
+}
+
+/// The running agent as its HTTP endpoints see it.
+struct Agent {
+    node: String,
+    ctx: Arc<ProxyContext>,
+    enrolled: Arc<Mutex<Vec<EnrolledPod>>>,
+    sockets: SocketMap,
+    decisions: DecisionCounters,
+    ready: AtomicBool,
+}
+
+impl Agent {
+    fn stats(&self) -> DatapathStats {
+        let mut decisions = match self.decisions.totals() {
+            Ok(totals) => Decision::ALL.iter().map(|d| d.name()).zip(totals).collect(),
+            Err(e) => {
+                warn!(error = %e, "reading decision counters failed");
+                Vec::new()
+            }
+        };
+        // A miss is found in user space, when the proxy accepts.
+        let misses = self.ctx.orig_dst_misses.load(Relaxed);
+        for (name, count) in &mut decisions {
+            if *name == Decision::OrigDstMiss.name() {
+                *count += misses;
+            }
+        }
+        let enrolled_pods = self.enrolled.lock().unwrap().len();
+        let orig_dst = self.ctx.orig_dst.lock().unwrap().len();
+        DatapathStats {
+            decisions,
+            maps: vec![
+                ("ORIG_DST", orig_dst, ORIG_DST_ENTRIES),
+                ("SOCKETS", self.sockets.len(), ORIG_DST_ENTRIES),
+                ("ENROLLED", enrolled_pods, MAX_ENROLLED_PODS),
+            ],
+            enrolled_pods,
+        }
+    }
+}
+
+impl AgentView for Agent {
+    fn metrics(&self) -> String {
+        self.ctx.metrics.render(&self.stats())
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Relaxed)
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let cluster: Arc<Cluster> = self.ctx.cluster.borrow().clone();
+        serde_json::json!({
+            "node": self.node,
+            "enrolled": *self.enrolled.lock().unwrap(),
+            "cluster": *cluster,
+        })
+    }
+}
+
+/// Every proxied connection costs two descriptors; the default soft limit
+/// of 1024 would cap the node at ~500 connections.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANT: u64 = 1 << 20;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let target = WANT.max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, target, target).is_err() {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if let Ok((now, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        info!(from = soft, to = now, "raised RLIMIT_NOFILE");
+    }
+}

@@ -1,0 +1,313 @@
+//! weir's eBPF programs: outbound redirect of enrolled pods' TCP connects
+//! into the agent's per-pod listener on 127.0.0.1:15001.
+//!
+//! - `redirect_connect4/6` (cgroup/connect4, connect6) decide per connect()
+//!   and rewrite the destination, remembering the original by socket cookie.
+//! - `track_connect` (sock_ops) re-keys that record by (netns, local port) as
+//!   soon as the port is bound, which is what the proxy sees on accept(), and
+//!   forgets the socket when it closes.
+//! - `restore_peer4/6` (cgroup/getpeername4, getpeername6) give the app its
+//!   original destination back.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_map_lookup_elem, bpf_sk_release,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use weir_common::{
+    ConnKey, Decision, FAIL_CLOSED, MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
+    ORIG_DST_ENTRIES, OUTBOUND_PORT, OrigDst, PodConfig, Settings,
+};
+
+const IPPROTO_TCP: u32 = 6;
+/// cgroup_sock_addr return codes: 1 lets the call proceed, 0 fails it (EPERM).
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+#[map]
+static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+/// Enrolled pods by netns cookie.
+#[map]
+static ENROLLED: HashMap<u64, PodConfig> = HashMap::pinned(MAX_ENROLLED_PODS, 0);
+
+/// The agent's outbound listener of each enrolled pod, by netns cookie. The
+/// kernel drops a socket from a sockhash when it closes, so an entry here
+/// means the agent is alive and listening in that pod: the fail-mode check.
+#[map]
+static LISTENERS: SockHash<u64> = SockHash::pinned(MAX_ENROLLED_PODS, 0);
+
+/// Original destination of each redirected socket, by socket cookie; lives
+/// until the socket closes, for getpeername().
+#[map]
+static SOCKETS: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
+/// Original destination by (netns cookie, client port), read and deleted by
+/// the proxy when it accepts the connection.
+#[map]
+static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
+#[map]
+static DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(Decision::COUNT, 0);
+
+#[inline(always)]
+fn count(decision: Decision) {
+    if let Some(counter) = DECISIONS.get_ptr_mut(decision as u32) {
+        // SAFETY: per-CPU slot, nothing else writes it concurrently.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// 127.0.0.1 as it sits in `user_ip4` (network byte order).
+const LOOPBACK4: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+/// The `::ffff:` prefix word of an IPv4-mapped IPv6 address.
+const MAPPED_PREFIX: u32 = 0x0000_ffff_u32.to_be();
+
+fn is_loopback4(ip4: u32) -> bool {
+    u32::from_be(ip4) >> 24 == 127
+}
+
+fn is_excluded(pod: &PodConfig, ip4: u32, port: u16) -> bool {
+    if is_loopback4(ip4) {
+        return true;
+    }
+    for i in 0..MAX_EXCLUDED_PORTS {
+        if i as u32 >= pod.n_excluded_ports {
+            break;
+        }
+        if pod.excluded_ports[i] == port {
+            return true;
+        }
+    }
+    for i in 0..MAX_EXCLUDED_CIDRS {
+        if i as u32 >= pod.n_excluded_cidrs {
+            break;
+        }
+        let cidr = pod.excluded_cidrs[i];
+        if ip4 & cidr.mask == cidr.addr {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether the agent's own listener for this netns is alive.
+fn agent_listening(netns_cookie: u64) -> bool {
+    let map = (&raw const LISTENERS).cast_mut().cast();
+    let key = &raw const netns_cookie;
+    // SAFETY: SockHash is repr(transparent) over its map definition, so its
+    // address is the map pointer the helper expects. A hit returns a
+    // referenced socket that must be released.
+    unsafe {
+        let sk = bpf_map_lookup_elem(map, key.cast());
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
+}
+
+enum Verdict {
+    Pass,
+    Refuse,
+    Redirect,
+}
+
+/// The shared decision for connect4 and connect6, on an IPv4 destination.
+fn decide(ctx: &SockAddrContext, ip4: u32, port: u16) -> Verdict {
+    // SAFETY: the helper accepts this program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(pod) = (unsafe { ENROLLED.get(netns) }) else {
+        count(Decision::NotEnrolled);
+        return Verdict::Pass;
+    };
+    // SAFETY: the helper takes no arguments.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(settings) = SETTINGS.get(0)
+        && settings.agent_cgroup_id == cgroup
+    {
+        count(Decision::OwnSocket);
+        return Verdict::Pass;
+    }
+    if is_excluded(pod, ip4, port) {
+        count(Decision::Excluded);
+        return Verdict::Pass;
+    }
+    if !agent_listening(netns) {
+        let closed = SETTINGS.get(0).is_some_and(|s| s.fail_mode == FAIL_CLOSED);
+        if closed {
+            count(Decision::FailClosed);
+            return Verdict::Refuse;
+        }
+        count(Decision::FailOpen);
+        return Verdict::Pass;
+    }
+    let orig = OrigDst {
+        ip4,
+        port: port.to_be(),
+        _pad: 0,
+    };
+    // SAFETY: the helper accepts this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SOCKETS.insert(cookie, orig, 0).is_err() {
+        // Without a record the proxy could not serve the connection.
+        count(Decision::OrigDstMiss);
+        return Verdict::Pass;
+    }
+    count(Decision::Redirected);
+    Verdict::Redirect
+}
+
+fn is_tcp(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the kernel hands a valid bpf_sock_addr.
+    unsafe { (*ctx.sock_addr).protocol == IPPROTO_TCP }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    if !is_tcp(&ctx) {
+        return ALLOW;
+    }
+    // SAFETY: fields of the kernel's bpf_sock_addr, copied to the stack.
+    let (ip4, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    match decide(&ctx, ip4, u16::from_be(port as u16)) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Redirect => {
+            // SAFETY: connect4 may rewrite the destination.
+            unsafe {
+                (*ctx.sock_addr).user_ip4 = LOOPBACK4;
+                (*ctx.sock_addr).user_port = u32::from(OUTBOUND_PORT.to_be());
+            }
+            ALLOW
+        }
+    }
+}
+
+/// Dual-stack apps (Java, for one) connect to IPv4 through AF_INET6 sockets
+/// with `::ffff:a.b.c.d`; those are redirected like IPv4. Native IPv6 is
+/// left alone for now.
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    if !is_tcp(&ctx) {
+        return ALLOW;
+    }
+    // SAFETY: fields of the kernel's bpf_sock_addr, copied to the stack.
+    let (w0, w1, w2, w3, port) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+            sa.user_port,
+        )
+    };
+    if w0 != 0 || w1 != 0 || w2 != MAPPED_PREFIX {
+        return ALLOW;
+    }
+    match decide(&ctx, w3, u16::from_be(port as u16)) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Redirect => {
+            // SAFETY: connect6 may rewrite the destination; user_ip6 takes
+            // 4-byte stores only.
+            unsafe {
+                (*ctx.sock_addr).user_ip6[3] = LOOPBACK4;
+                (*ctx.sock_addr).user_port = u32::from(OUTBOUND_PORT.to_be());
+            }
+            ALLOW
+        }
+    }
+}
+
+fn redirected_socket(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: the helper accepts this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the map can change.
+    unsafe { SOCKETS.get(cookie).copied() }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn restore_peer4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = redirected_socket(&ctx) {
+        // SAFETY: getpeername4 may rewrite the reported address.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = orig.ip4;
+            (*ctx.sock_addr).user_port = u32::from(orig.port);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = redirected_socket(&ctx) {
+        // SAFETY: getpeername6 may rewrite the reported address. Only
+        // IPv4-mapped connects are redirected, so the prefix is already
+        // `::ffff:` and only the IPv4 word changes.
+        unsafe {
+            (*ctx.sock_addr).user_ip6[3] = orig.ip4;
+            (*ctx.sock_addr).user_port = u32::from(orig.port);
+        }
+    }
+    ALLOW
+}
+
+#[sock_ops]
+pub fn track_connect(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: the helper accepts this program's context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = SOCKETS.remove(cookie);
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The SYN is about to leave, so the local port is known: publish the
+/// original destination under the key the proxy will look up.
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: the helpers accept this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the map can change.
+    let Some(orig) = (unsafe { SOCKETS.get(cookie).copied() }) else {
+        return;
+    };
+    let key = ConnKey {
+        // SAFETY: as above.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    if ORIG_DST.insert(key, orig, 0).is_err() {
+        count(Decision::OrigDstMiss);
+    }
+    // Hear about the close, to forget the socket's record.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

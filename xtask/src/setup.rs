@@ -1,0 +1,154 @@
+//! `cargo xtask setup`: installs what is missing and nothing else, so that it
+//! is quick the second time and a fresh machine needs no manual step.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+/// bpf-linker links with this LLVM, which must match rustc's major version.
+const LLVM: &str = "22";
+
+/// Debian packages: LLVM for bpf-linker, iproute2 for the sandbox, bpftool
+/// and promtool (package prometheus) for checks users also make.
+fn packages() -> Vec<String> {
+    let mut packages: Vec<String> = [
+        "libzstd-dev",
+        "zlib1g-dev",
+        "bpftool",
+        "iproute2",
+        "prometheus",
+        "curl",
+    ]
+    .map(String::from)
+    .to_vec();
+    packages.push(format!("llvm-{LLVM}-dev"));
+    packages.push(format!("libpolly-{LLVM}-dev"));
+    packages
+}
+
+pub fn run() -> anyhow::Result<()> {
+    install_packages()?;
+    install_rust_src()?;
+    if !succeeds("bpf-linker", &["--version"]) {
+        println!("setup: installing bpf-linker against LLVM {LLVM}");
+        let features = format!("llvm-{LLVM}");
+        let status = Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "^0.13",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(&features)
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM}"))
+            .status()?;
+        if !status.success() {
+            bail!("cargo install bpf-linker failed: {status}");
+        }
+    }
+    if !succeeds("cargo", &["nextest", "--version"]) {
+        println!("setup: installing cargo-nextest");
+        let status = Command::new("cargo")
+            .args(["install", "cargo-nextest", "--locked"])
+            .status()?;
+        if !status.success() {
+            bail!("cargo install cargo-nextest failed: {status}");
+        }
+    }
+    mount_bpffs()?;
+    println!("setup: ready");
+    Ok(())
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let missing: Vec<String> = packages()
+        .into_iter()
+        .filter(|p| {
+            let status = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !status.is_ok_and(|out| {
+                String::from_utf8_lossy(&out.stdout).contains("install ok installed")
+            })
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("missing Debian packages {missing:?}; run setup as root");
+    }
+    println!("setup: installing {}", missing.join(" "));
+    run_quiet(Command::new("apt-get").arg("update"))?;
+    run_quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// rust-src for the toolchain that builds the eBPF crate: nightly when it is
+/// installed, else stable (which agent/build.rs runs with RUSTC_BOOTSTRAP=1).
+fn install_rust_src() -> anyhow::Result<()> {
+    let toolchain = if succeeds("rustup", &["run", "nightly", "rustc", "--version"]) {
+        "nightly"
+    } else {
+        "stable"
+    };
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    println!("setup: adding rust-src to {toolchain}");
+    run_quiet(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        toolchain,
+    ]))
+}
+
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    println!("setup: mounting bpffs on /sys/fs/bpf");
+    run_quiet(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run_quiet(command: &mut Command) -> anyhow::Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
