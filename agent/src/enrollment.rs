@@ -36,6 +36,15 @@ pub struct EnrolledPod {
     pub excluded_cidrs: Vec<String>,
 }
 
+/// What the agent reports about enrollment, refreshed after each pass.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EnrollmentStatus {
+    pub pods: Vec<EnrolledPod>,
+    /// Entries in the ENROLLED and LISTENERS maps.
+    pub enrolled_entries: usize,
+    pub listener_entries: usize,
+}
+
 struct Enrolled {
     summary: EnrolledPod,
     config: PodConfig,
@@ -61,7 +70,7 @@ pub struct Enrollment {
     waiting: HashMap<WorkloadKey, Instant>,
     /// Namespace files by address, from the last scan.
     netns_by_ip: HashMap<IpAddr, PathBuf>,
-    summary: Arc<Mutex<Vec<EnrolledPod>>>,
+    status: Arc<Mutex<EnrollmentStatus>>,
 }
 
 impl Enrollment {
@@ -81,17 +90,13 @@ impl Enrollment {
             pods: HashMap::new(),
             waiting: HashMap::new(),
             netns_by_ip: HashMap::new(),
-            summary: Arc::default(),
+            status: Arc::default(),
         }
     }
 
     /// What `/config_dump` and the metrics read, updated after each pass.
-    pub fn summary(&self) -> Arc<Mutex<Vec<EnrolledPod>>> {
-        self.summary.clone()
-    }
-
-    pub fn listener_count(&self) -> usize {
-        self.listeners.len()
+    pub fn status(&self) -> Arc<Mutex<EnrollmentStatus>> {
+        self.status.clone()
     }
 
     /// One pass: enroll what is missing, update what changed, and remove
@@ -149,9 +154,13 @@ impl Enrollment {
                 Err(e) => warn!(pod = %key, error = %e, "enrollment failed; will retry"),
             }
         }
-        let mut summary: Vec<_> = self.pods.values().map(|p| p.summary.clone()).collect();
-        summary.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        *self.summary.lock().unwrap() = summary;
+        let mut pods: Vec<_> = self.pods.values().map(|p| p.summary.clone()).collect();
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        *self.status.lock().unwrap() = EnrollmentStatus {
+            pods,
+            enrolled_entries: self.enrolled_map.entries(),
+            listener_entries: self.listeners.entries(),
+        };
         self.waiting.len()
     }
 
@@ -241,4 +250,37 @@ fn pod_config(workload: &Workload) -> PodConfig {
         config.n_excluded_cidrs += 1;
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::objects::parse_file;
+
+    #[test]
+    fn exclusions_become_network_order_map_entries() {
+        let text = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+  namespace: default
+  labels: {weir.dev/mesh: enabled}
+  annotations:
+    weir.dev/exclude-outbound-ports: "5432, 6379"
+    weir.dev/exclude-outbound-cidrs: "10.1.0.0/16,fd00::/8"
+spec: {nodeName: n, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.0.2}
+"#;
+        let parsed = parse_file(std::path::Path::new("p.yaml"), text).unwrap();
+        let cluster = Cluster::build(&parsed.objects);
+        let config = pod_config(&cluster.workloads()[0]);
+        assert_eq!(config.n_excluded_ports, 2);
+        assert_eq!(&config.excluded_ports[..2], &[5432, 6379]);
+        // Only the IPv4 CIDR reaches the map.
+        assert_eq!(config.n_excluded_cidrs, 1);
+        let cidr = config.excluded_cidrs[0];
+        assert_eq!(cidr.addr.to_ne_bytes(), [10, 1, 0, 0]);
+        assert_eq!(cidr.mask.to_ne_bytes(), [255, 255, 0, 0]);
+    }
 }

@@ -250,3 +250,98 @@ fn format_labels(pairs: &[(&str, &str)]) -> String {
     out.push('}');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(source: &str, flags: &'static str) -> TcpLabels {
+        TcpLabels {
+            reporter: "source",
+            source: Peer {
+                workload: source.into(),
+                namespace: "default".into(),
+                ..Peer::unknown()
+            },
+            destination: Peer::unknown(),
+            destination_service: [
+                "details.default.svc.cluster.local".into(),
+                "details".into(),
+                "default".into(),
+            ],
+            response_flags: flags,
+        }
+    }
+
+    #[test]
+    fn renders_every_istio_label_and_escapes_values() {
+        let metrics = Metrics::default();
+        let series = metrics.tcp(labels("product\"page", "-"));
+        series.opened.fetch_add(2, Relaxed);
+        series.received.fetch_add(10, Relaxed);
+        let text = metrics.render(&DatapathStats::default());
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap();
+        assert!(line.ends_with("} 2"), "{line}");
+        assert!(
+            line.contains(r#"source_workload="product\"page""#),
+            "{line}"
+        );
+        for name in [
+            "reporter",
+            "source_workload_namespace",
+            "source_principal",
+            "source_app",
+            "source_version",
+            "source_canonical_service",
+            "source_canonical_revision",
+            "destination_workload",
+            "destination_workload_namespace",
+            "destination_principal",
+            "destination_app",
+            "destination_version",
+            "destination_canonical_service",
+            "destination_canonical_revision",
+            "destination_service",
+            "destination_service_name",
+            "destination_service_namespace",
+            "request_protocol",
+            "response_flags",
+            "connection_security_policy",
+        ] {
+            assert!(
+                line.contains(&format!("{name}=\"")),
+                "{name} missing in {line}"
+            );
+        }
+        assert!(text.contains("# TYPE istio_tcp_received_bytes_total counter"));
+    }
+
+    #[test]
+    fn same_labels_share_one_series() {
+        let metrics = Metrics::default();
+        metrics.tcp(labels("a", "-")).opened.fetch_add(1, Relaxed);
+        metrics.tcp(labels("a", "-")).opened.fetch_add(1, Relaxed);
+        metrics.tcp(labels("a", "UF")).opened.fetch_add(1, Relaxed);
+        let text = metrics.render(&DatapathStats::default());
+        let opened: Vec<_> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .collect();
+        assert_eq!(opened.len(), 2, "{opened:?}");
+    }
+
+    #[test]
+    fn series_of_gone_workloads_are_dropped_unless_in_use() {
+        let metrics = Metrics::default();
+        drop(metrics.tcp(labels("gone", "-")));
+        let held = metrics.tcp(labels("busy", "-"));
+        metrics.retain_known(&Cluster::default());
+        let text = metrics.render(&DatapathStats::default());
+        assert!(!text.contains("source_workload=\"gone\""));
+        assert!(text.contains("source_workload=\"busy\""));
+        drop(held);
+    }
+}

@@ -17,7 +17,7 @@ use crate::admin::{self, AgentView, Endpoint};
 use crate::cgroup;
 use crate::datapath::maps::{DecisionCounters, SocketMap};
 use crate::datapath::{Datapath, PinDir};
-use crate::enrollment::{EnrolledPod, Enrollment};
+use crate::enrollment::{Enrollment, EnrollmentStatus};
 use crate::inpod::NetnsFinder;
 use crate::metrics::{DatapathStats, Metrics};
 use crate::model::{self, Cluster};
@@ -88,7 +88,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let agent = Arc::new(Agent {
         node: config.node.clone(),
         ctx: ctx.clone(),
-        enrolled: enrollment.summary(),
+        enrollment: enrollment.status(),
         sockets: maps.sockets,
         decisions: maps.decisions,
         ready: AtomicBool::new(false),
@@ -118,7 +118,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ctx.metrics.retain_known(&cluster);
         if !agent.ready.swap(true, Relaxed) {
             info!(
-                enrolled = agent.enrolled.lock().unwrap().len(),
+                enrolled = agent.enrollment.lock().unwrap().pods.len(),
                 waiting, "ready"
             );
         }
@@ -154,7 +154,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 struct Agent {
     node: String,
     ctx: Arc<ProxyContext>,
-    enrolled: Arc<Mutex<Vec<EnrolledPod>>>,
+    enrollment: Arc<Mutex<EnrollmentStatus>>,
     sockets: SocketMap,
     decisions: DecisionCounters,
     ready: AtomicBool,
@@ -176,16 +176,17 @@ impl Agent {
                 *count += misses;
             }
         }
-        let enrolled_pods = self.enrolled.lock().unwrap().len();
-        let orig_dst = self.ctx.orig_dst.lock().unwrap().len();
+        let enrollment = self.enrollment.lock().unwrap().clone();
+        let orig_dst = self.ctx.orig_dst.lock().unwrap().entries();
         DatapathStats {
             decisions,
             maps: vec![
+                ("ENROLLED", enrollment.enrolled_entries, MAX_ENROLLED_PODS),
+                ("LISTENERS", enrollment.listener_entries, MAX_ENROLLED_PODS),
                 ("ORIG_DST", orig_dst, ORIG_DST_ENTRIES),
-                ("SOCKETS", self.sockets.len(), ORIG_DST_ENTRIES),
-                ("ENROLLED", enrolled_pods, MAX_ENROLLED_PODS),
+                ("SOCKETS", self.sockets.entries(), ORIG_DST_ENTRIES),
             ],
-            enrolled_pods,
+            enrolled_pods: enrollment.pods.len(),
         }
     }
 }
@@ -203,7 +204,7 @@ impl AgentView for Agent {
         let cluster: Arc<Cluster> = self.ctx.cluster.borrow().clone();
         serde_json::json!({
             "node": self.node,
-            "enrolled": *self.enrolled.lock().unwrap(),
+            "enrollment": *self.enrollment.lock().unwrap(),
             "cluster": *cluster,
         })
     }

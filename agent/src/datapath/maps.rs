@@ -35,6 +35,11 @@ impl EnrolledMap {
     pub fn cookies(&self) -> Vec<u64> {
         self.0.keys().filter_map(Result::ok).collect()
     }
+
+    /// Live entries, for the occupancy metric.
+    pub fn entries(&self) -> usize {
+        self.0.keys().filter(Result::is_ok).count()
+    }
 }
 
 /// The agent's outbound listeners by netns cookie; the kernel removes a
@@ -46,7 +51,8 @@ impl ListenerMap {
         self.0.insert(netns_cookie, listener.as_raw_fd(), 0)
     }
 
-    pub fn len(&self) -> usize {
+    /// Live entries, for the occupancy metric.
+    pub fn entries(&self) -> usize {
         self.0.keys().filter(Result::is_ok).count()
     }
 }
@@ -63,7 +69,8 @@ impl OrigDstMap {
         Some(orig)
     }
 
-    pub fn len(&self) -> usize {
+    /// Live entries, for the occupancy metric.
+    pub fn entries(&self) -> usize {
         self.0.keys().filter(Result::is_ok).count()
     }
 }
@@ -72,7 +79,8 @@ impl OrigDstMap {
 pub struct SocketMap(HashMap<MapData, u64, OrigDst>);
 
 impl SocketMap {
-    pub fn len(&self) -> usize {
+    /// Live entries, for the occupancy metric.
+    pub fn entries(&self) -> usize {
         self.0.keys().filter(Result::is_ok).count()
     }
 }

@@ -76,3 +76,78 @@ impl Balancer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::objects::parse_file;
+
+    const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: 9080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: default, labels: {app: reviews}}
+spec: {nodeName: n, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: default, labels: {app: reviews}}
+spec: {nodeName: n, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.0.12}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v3, namespace: default, labels: {app: reviews}}
+spec: {nodeName: n, containers: [{name: c, image: i}]}
+status:
+  podIP: 10.244.0.13
+  conditions: [{type: Ready, status: "False"}]
+"#;
+
+    fn cluster() -> Cluster {
+        let parsed = parse_file(std::path::Path::new("test.yaml"), MANIFESTS).unwrap();
+        Cluster::build(&parsed.objects)
+    }
+
+    #[test]
+    fn cluster_ip_round_robins_over_ready_endpoints() {
+        let (cluster, balancer) = (cluster(), Balancer::default());
+        let vip: SocketAddr = "10.96.0.20:9080".parse().unwrap();
+        let picks: Vec<_> = (0..4)
+            .map(|_| balancer.resolve(&cluster, vip).unwrap())
+            .collect();
+        let addrs: Vec<String> = picks.iter().map(|t| t.addr.to_string()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.244.0.11:9080",
+                "10.244.0.12:9080",
+                "10.244.0.11:9080",
+                "10.244.0.12:9080"
+            ]
+        );
+        assert_eq!(
+            picks[0].service.as_ref().unwrap().hostname,
+            "reviews.default.svc.cluster.local"
+        );
+        assert_eq!(picks[1].workload.as_ref().unwrap().name, "reviews-v2");
+    }
+
+    #[test]
+    fn other_addresses_pass_through_and_name_the_pod() {
+        let target = Balancer::default()
+            .resolve(&cluster(), "10.244.0.13:8080".parse().unwrap())
+            .unwrap();
+        assert_eq!(target.addr.to_string(), "10.244.0.13:8080");
+        assert!(target.service.is_none());
+        assert_eq!(target.workload.unwrap().name, "reviews-v3");
+    }
+}
