@@ -48,7 +48,13 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::run()?;
             build_agent()?;
-            cargo(&["nextest", "run", "--workspace", "--no-fail-fast"], &args)
+            let tests = cargo(&["nextest", "run", "--workspace", "--no-fail-fast"], &args);
+            // Silent when clean, so that nextest's summary stays the last line.
+            let leftovers = leftovers();
+            if !leftovers.is_empty() {
+                bail!("the tests left state behind:\n{}", leftovers.join("\n"));
+            }
+            tests
         }
     }
 }
@@ -61,6 +67,35 @@ fn build_agent() -> anyhow::Result<()> {
         workspace_root().join("target/debug/weir").display()
     );
     Ok(())
+}
+
+/// What a test run must not leave behind: cgroup attachments of weir's
+/// programs, pins, or sandbox namespaces.
+fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for line in output("bpftool", &["cgroup", "tree"]).lines() {
+        if ["redirect_connect", "restore_peer", "track_connect"].iter().any(|p| line.contains(p)) {
+            found.push(format!("bpftool cgroup tree: {}", line.trim()));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/weir") {
+        for entry in entries.flatten() {
+            found.push(format!("pinned: {}", entry.path().display()));
+        }
+    }
+    for line in output("ip", &["netns", "list"]).lines() {
+        if line.starts_with("weir-") {
+            found.push(format!("network namespace: {line}"));
+        }
+    }
+    found
 }
 
 fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
