@@ -6,8 +6,10 @@
 //! proxy's upstream sockets. Tokio workers never change namespace, and no
 //! socket can be made in the wrong one.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::mpsc;
 
 use socket2::{Domain, Socket, Type};
@@ -106,39 +108,25 @@ impl SocketFactory {
 /// is asked for its addresses (one netlink dump each, via getifaddrs).
 #[derive(Debug)]
 pub struct NetnsFinder {
-    dir: std::path::PathBuf,
+    dir: PathBuf,
 }
 
 impl NetnsFinder {
-    pub fn new(dir: std::path::PathBuf) -> NetnsFinder {
+    pub fn new(dir: PathBuf) -> NetnsFinder {
         NetnsFinder { dir }
     }
 
     /// Maps each address found to the namespace that holds it. Loopback and
     /// link-local addresses are skipped: every namespace has them.
-    pub fn scan(
-        &self,
-    ) -> io::Result<std::collections::HashMap<std::net::IpAddr, std::path::PathBuf>> {
-        let mut found = std::collections::HashMap::new();
+    pub fn scan(&self) -> io::Result<HashMap<IpAddr, PathBuf>> {
+        let mut found = HashMap::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let Ok(netns) = NetNs::open(&path) else {
+            // A pod may be going away while we look; skip what vanished.
+            let Ok(addrs) = NetNs::open(&path).and_then(|netns| netns.run(addresses)?) else {
                 continue;
             };
-            let addrs = netns.run(|| -> io::Result<Vec<std::net::IpAddr>> {
-                Ok(nix::ifaddrs::getifaddrs()?
-                    .filter_map(|ifa| ifa.address)
-                    .filter_map(|addr| {
-                        if let Some(v4) = addr.as_sockaddr_in() {
-                            Some(std::net::IpAddr::V4(v4.ip()))
-                        } else {
-                            addr.as_sockaddr_in6()
-                                .map(|v6| std::net::IpAddr::V6(v6.ip()))
-                        }
-                    })
-                    .collect())
-            });
-            for ip in addrs.and_then(|r| r).unwrap_or_default() {
+            for ip in addrs {
                 if !ip.is_loopback() && !is_link_local(ip) {
                     found.insert(ip, path.clone());
                 }
@@ -148,9 +136,23 @@ impl NetnsFinder {
     }
 }
 
-fn is_link_local(ip: std::net::IpAddr) -> bool {
+/// The addresses of the calling thread's network namespace.
+fn addresses() -> io::Result<Vec<IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| ifa.address)
+        .filter_map(
+            |addr| match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+                (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+                _ => None,
+            },
+        )
+        .collect())
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
     match ip {
-        std::net::IpAddr::V4(v4) => v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
     }
 }
