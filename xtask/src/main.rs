@@ -81,7 +81,10 @@ fn leftovers() -> Vec<String> {
             .unwrap_or_default()
     };
     for line in output("bpftool", &["cgroup", "tree"]).lines() {
-        if ["redirect_connect", "restore_peer", "track_connect"].iter().any(|p| line.contains(p)) {
+        if ["redirect_connect", "restore_peer", "track_connect"]
+            .iter()
+            .any(|p| line.contains(p))
+        {
             found.push(format!("bpftool cgroup tree: {}", line.trim()));
         }
     }

@@ -8,8 +8,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+// Commands of `enum bpf_cmd` in linux/bpf.h.
 const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 20;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 #[repr(C)]
 #[derive(Default)]
