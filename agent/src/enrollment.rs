@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -36,13 +36,11 @@ pub struct EnrolledPod {
     pub excluded_cidrs: Vec<String>,
 }
 
-/// What the agent reports about enrollment, refreshed after each pass.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct EnrollmentStatus {
-    pub pods: Vec<EnrolledPod>,
-    /// Entries in the ENROLLED and LISTENERS maps.
-    pub enrolled_entries: usize,
-    pub listener_entries: usize,
+/// The two maps enrollment writes. The metrics count their entries at
+/// scrape time, so they are shared.
+pub struct PodMaps {
+    pub enrolled: EnrolledMap,
+    pub listeners: ListenerMap,
 }
 
 struct Enrolled {
@@ -63,14 +61,11 @@ pub struct Enrollment {
     node: String,
     finder: NetnsFinder,
     ctx: Arc<ProxyContext>,
-    enrolled_map: EnrolledMap,
-    listeners: ListenerMap,
+    maps: Arc<Mutex<PodMaps>>,
     pods: HashMap<WorkloadKey, Enrolled>,
     /// When each pod that still waits for enrollment was first wanted.
     waiting: HashMap<WorkloadKey, Instant>,
-    /// Namespace files by address, from the last scan.
-    netns_by_ip: HashMap<IpAddr, PathBuf>,
-    status: Arc<Mutex<EnrollmentStatus>>,
+    summary: Arc<Mutex<Vec<EnrolledPod>>>,
 }
 
 impl Enrollment {
@@ -78,25 +73,23 @@ impl Enrollment {
         node: String,
         finder: NetnsFinder,
         ctx: Arc<ProxyContext>,
-        enrolled_map: EnrolledMap,
-        listeners: ListenerMap,
+        maps: Arc<Mutex<PodMaps>>,
     ) -> Enrollment {
         Enrollment {
             node,
             finder,
             ctx,
-            enrolled_map,
-            listeners,
+            maps,
             pods: HashMap::new(),
             waiting: HashMap::new(),
-            netns_by_ip: HashMap::new(),
-            status: Arc::default(),
+            summary: Arc::default(),
         }
     }
 
-    /// What `/config_dump` and the metrics read, updated after each pass.
-    pub fn status(&self) -> Arc<Mutex<EnrollmentStatus>> {
-        self.status.clone()
+    /// The enrolled pods, for `/config_dump` and the metrics; updated after
+    /// each pass.
+    pub fn summary(&self) -> Arc<Mutex<Vec<EnrolledPod>>> {
+        self.summary.clone()
     }
 
     /// One pass: enroll what is missing, update what changed, and remove
@@ -109,23 +102,32 @@ impl Enrollment {
             .filter_map(|w| Some((w.key(), (w, first_ipv4(w)?))))
             .collect();
 
+        let mut released = Vec::new();
         self.pods.retain(|key, pod| {
             let keep = wanted
                 .get(key)
                 .is_some_and(|(_, ip)| pod.summary.ip == IpAddr::V4(*ip));
             if !keep {
                 info!(pod = %key, "unenrolled");
+                released.push(pod.summary.netns_cookie);
             }
             keep
         });
-        self.waiting.retain(|key, _| wanted.contains_key(key));
-        let live: Vec<u64> = self.pods.values().map(|p| p.summary.netns_cookie).collect();
-        for cookie in self.enrolled_map.cookies() {
-            if !live.contains(&cookie) {
-                let _ = self.enrolled_map.remove(cookie);
-            }
+        for cookie in released {
+            let _ = self.maps.lock().unwrap().enrolled.remove(cookie);
         }
+        self.waiting.retain(|key, _| wanted.contains_key(key));
 
+        // One scan per pass, and only when a pod needs its namespace: pods
+        // come and go, and an address may move to a new namespace.
+        let netns_by_ip = if wanted.keys().any(|key| !self.pods.contains_key(key)) {
+            self.finder.scan().unwrap_or_else(|e| {
+                warn!(error = %e, "scanning network namespaces failed");
+                HashMap::new()
+            })
+        } else {
+            HashMap::new()
+        };
         for (key, (workload, ip)) in &wanted {
             let config = pod_config(workload);
             if let Some(pod) = self.pods.get_mut(key) {
@@ -137,68 +139,83 @@ impl Enrollment {
                         .iter()
                         .map(ToString::to_string)
                         .collect();
-                    if let Err(e) = self.enrolled_map.insert(pod.summary.netns_cookie, &config) {
+                    let updated = self
+                        .maps
+                        .lock()
+                        .unwrap()
+                        .enrolled
+                        .insert(pod.summary.netns_cookie, &config);
+                    if let Err(e) = updated {
                         warn!(pod = %key, error = %e, "updating exclusions failed");
                     }
                 }
                 continue;
             }
             let since = *self.waiting.entry(key.clone()).or_insert_with(Instant::now);
-            match self.enroll(key, workload, *ip, config).await {
-                Ok(Some(pod)) => {
-                    info!(pod = %key, ip = %ip, netns = %pod.summary.netns.display(), took_ms = since.elapsed().as_millis() as u64, "enrolled");
+            let Some(path) = netns_by_ip.get(&IpAddr::V4(*ip)) else {
+                continue;
+            };
+            match self.enroll(key, workload, *ip, path, config).await {
+                Ok(pod) => {
+                    info!(pod = %key, ip = %ip, netns = %path.display(), took_ms = since.elapsed().as_millis() as u64, "enrolled");
                     self.waiting.remove(key);
                     self.pods.insert(key.clone(), pod);
                 }
-                Ok(None) => {}
                 Err(e) => warn!(pod = %key, error = %e, "enrollment failed; will retry"),
             }
         }
+
+        // Entries an earlier agent left for pods that are gone. While a
+        // wanted pod still waits, its old entry keeps its fail mode in force
+        // until this agent takes it over, so pruning waits too.
+        if self.waiting.is_empty() {
+            let live: Vec<u64> = self.pods.values().map(|p| p.summary.netns_cookie).collect();
+            let mut maps = self.maps.lock().unwrap();
+            for cookie in maps.enrolled.cookies() {
+                if !live.contains(&cookie) {
+                    let _ = maps.enrolled.remove(cookie);
+                }
+            }
+        }
+
         let mut pods: Vec<_> = self.pods.values().map(|p| p.summary.clone()).collect();
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        *self.status.lock().unwrap() = EnrollmentStatus {
-            pods,
-            enrolled_entries: self.enrolled_map.entries(),
-            listener_entries: self.listeners.entries(),
-        };
+        *self.summary.lock().unwrap() = pods;
         self.waiting.len()
     }
 
-    /// Enrolls one pod; `None` while its network namespace is not found.
+    /// Enrolls one pod whose namespace is at `path`.
     async fn enroll(
-        &mut self,
+        &self,
         key: &WorkloadKey,
         workload: &Workload,
         ip: Ipv4Addr,
+        path: &Path,
         config: PodConfig,
-    ) -> anyhow::Result<Option<Enrolled>> {
-        let ip = IpAddr::V4(ip);
-        if !self.netns_by_ip.contains_key(&ip) {
-            self.netns_by_ip = self.finder.scan()?;
-        }
-        let Some(path) = self.netns_by_ip.get(&ip).cloned() else {
-            return Ok(None);
-        };
-        let netns = NetNs::open(&path)?;
+    ) -> anyhow::Result<Enrolled> {
+        let netns = NetNs::open(path)?;
         let factory = SocketFactory::start(&netns, &workload.name)?;
         let cookie = factory.netns_cookie();
         let listener = factory
             .listener(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))
             .await?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        self.listeners.insert(cookie, &listener)?;
-        self.enrolled_map.insert(cookie, &config)?;
+        {
+            let mut maps = self.maps.lock().unwrap();
+            maps.listeners.insert(cookie, &listener)?;
+            maps.enrolled.insert(cookie, &config)?;
+        }
         let proxy = Arc::new(PodProxy {
             key: key.clone(),
             factory,
         });
         let serving = tokio::spawn(outbound::serve(listener, proxy, self.ctx.clone()));
-        Ok(Some(Enrolled {
+        Ok(Enrolled {
             summary: EnrolledPod {
                 namespace: workload.namespace.clone(),
                 name: workload.name.clone(),
-                ip,
-                netns: path,
+                ip: IpAddr::V4(ip),
+                netns: path.to_path_buf(),
                 netns_cookie: cookie,
                 excluded_ports: workload.excluded_ports.clone(),
                 excluded_cidrs: workload
@@ -209,7 +226,7 @@ impl Enrollment {
             },
             config,
             serving,
-        }))
+        })
     }
 
     /// Closes every listener but keeps the pods in the enrolled map, so that

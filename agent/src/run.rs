@@ -17,7 +17,7 @@ use crate::admin::{self, AgentView, Endpoint};
 use crate::cgroup;
 use crate::datapath::maps::{DecisionCounters, SocketMap};
 use crate::datapath::{Datapath, PinDir};
-use crate::enrollment::{Enrollment, EnrollmentStatus};
+use crate::enrollment::{EnrolledPod, Enrollment, PodMaps};
 use crate::inpod::NetnsFinder;
 use crate::metrics::{DatapathStats, Metrics};
 use crate::model::{self, Cluster};
@@ -78,17 +78,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         orig_dst_misses: Default::default(),
         connections: Arc::new(Connections::default()),
     });
+    let pod_maps = Arc::new(Mutex::new(PodMaps {
+        enrolled: maps.enrolled,
+        listeners: maps.listeners,
+    }));
     let mut enrollment = Enrollment::new(
         config.node.clone(),
         NetnsFinder::new(config.netns_dir.clone()),
         ctx.clone(),
-        maps.enrolled,
-        maps.listeners,
+        pod_maps.clone(),
     );
     let agent = Arc::new(Agent {
         node: config.node.clone(),
         ctx: ctx.clone(),
-        enrollment: enrollment.status(),
+        enrolled: enrollment.summary(),
+        pod_maps,
         sockets: maps.sockets,
         decisions: maps.decisions,
         ready: AtomicBool::new(false),
@@ -118,7 +122,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ctx.metrics.retain_known(&cluster);
         if !agent.ready.swap(true, Relaxed) {
             info!(
-                enrolled = agent.enrollment.lock().unwrap().pods.len(),
+                enrolled = agent.enrolled.lock().unwrap().len(),
                 waiting, "ready"
             );
         }
@@ -154,7 +158,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 struct Agent {
     node: String,
     ctx: Arc<ProxyContext>,
-    enrollment: Arc<Mutex<EnrollmentStatus>>,
+    enrolled: Arc<Mutex<Vec<EnrolledPod>>>,
+    pod_maps: Arc<Mutex<PodMaps>>,
     sockets: SocketMap,
     decisions: DecisionCounters,
     ready: AtomicBool,
@@ -176,17 +181,20 @@ impl Agent {
                 *count += misses;
             }
         }
-        let enrollment = self.enrollment.lock().unwrap().clone();
+        let (enrolled, listeners) = {
+            let maps = self.pod_maps.lock().unwrap();
+            (maps.enrolled.entries(), maps.listeners.entries())
+        };
         let orig_dst = self.ctx.orig_dst.lock().unwrap().entries();
         DatapathStats {
             decisions,
             maps: vec![
-                ("ENROLLED", enrollment.enrolled_entries, MAX_ENROLLED_PODS),
-                ("LISTENERS", enrollment.listener_entries, MAX_ENROLLED_PODS),
+                ("ENROLLED", enrolled, MAX_ENROLLED_PODS),
+                ("LISTENERS", listeners, MAX_ENROLLED_PODS),
                 ("ORIG_DST", orig_dst, ORIG_DST_ENTRIES),
                 ("SOCKETS", self.sockets.entries(), ORIG_DST_ENTRIES),
             ],
-            enrolled_pods: enrollment.pods.len(),
+            enrolled_pods: self.enrolled.lock().unwrap().len(),
         }
     }
 }
@@ -204,7 +212,7 @@ impl AgentView for Agent {
         let cluster: Arc<Cluster> = self.ctx.cluster.borrow().clone();
         serde_json::json!({
             "node": self.node,
-            "enrollment": *self.enrollment.lock().unwrap(),
+            "enrolled": *self.enrolled.lock().unwrap(),
             "cluster": *cluster,
         })
     }

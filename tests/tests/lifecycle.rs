@@ -377,7 +377,6 @@ fn two_agents_do_not_interfere() {
 /// Kubernetes hands a deleted pod's address to the next pod soon; the
 /// agent must find the new pod's namespace, not remember the old one.
 #[test]
-#[ignore = "agent bug: enrollment.rs caches namespaces by IP and never rescans for a known IP"]
 fn pod_reusing_an_address_is_enrolled() {
     let mut sb = sandbox("pod_reusing_an_address_is_enrolled");
     let server = Server::start(&mut sb, NodeId::Xuegod64);
@@ -402,7 +401,6 @@ fn pod_reusing_an_address_is_enrolled() {
 /// when a restarted agent cannot do so at once: here because something in
 /// the pod holds the agent's port.
 #[test]
-#[ignore = "agent bug: the first reconcile of a restarted agent deletes ENROLLED entries of pods it has not taken over yet"]
 fn fail_closed_holds_until_a_restarted_agent_takes_the_pod_over() {
     let mut sb = sandbox("fail_closed_holds_until_a_restarted_agent_takes_the_pod_over");
     let server = Server::start(&mut sb, NodeId::Xuegod63);
@@ -530,10 +528,7 @@ fn wait_for_listener_gone(agent: &Agent, pod: &Pod) {
 /// The pods the agent reports enrolled, as `namespace/name`.
 fn enrolled(agent: &Agent) -> Vec<String> {
     let dump = agent.config_dump().or_log(agent);
-    let pods = dump["enrollment"]["pods"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let pods = dump["enrolled"].as_array().cloned().unwrap_or_default();
     pods.iter()
         .map(|pod| format!("{}/{}", str_of(&pod["namespace"]), str_of(&pod["name"])))
         .collect()
