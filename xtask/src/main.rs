@@ -1,6 +1,5 @@
 //! `cargo xtask`: the project's own commands.
 
-mod demo;
 mod setup;
 
 use std::path::PathBuf;
@@ -43,7 +42,21 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { keep } => {
             setup::run()?;
             build_agent()?;
-            demo::run(keep)
+            // The demo lives with the sandbox library, which needs the eBPF
+            // toolchain to build: xtask itself must build without it.
+            let keep: &[String] = if keep { &["--keep".into()] } else { &[] };
+            cargo(
+                &[
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "weir-sandbox",
+                    "--bin",
+                    "weir-demo",
+                    "--",
+                ],
+                keep,
+            )
         }
         Task::Test { args } => {
             setup::run()?;

@@ -1,4 +1,4 @@
-//! `cargo xtask demo [--keep]`: a two-node Bookinfo sandbox whose enrolled
+//! `weir-demo [--keep]`, run by `cargo xtask demo`: a two-node Bookinfo sandbox whose enrolled
 //! pods have their connections taken over by weir, shown from both ends.
 //!
 //! The pods' apps are small HTTP servers on threads of this process, each
@@ -79,7 +79,16 @@ impl App {
     }
 }
 
-pub fn run(keep: bool) -> Result<()> {
+fn main() -> Result<()> {
+    let keep = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--keep") => true,
+        Some(other) => bail!("unknown argument {other}; usage: weir-demo [--keep]"),
+    };
+    run(keep)
+}
+
+fn run(keep: bool) -> Result<()> {
     let bin = agent_binary()?;
     check_no_leftover_demo(&bin)?;
     if keep && python3().is_none() {
