@@ -41,7 +41,7 @@ mod topology;
 pub use agent::{Agent, agent_binary};
 pub use http::{HttpResponse, http_get};
 pub use pod::{Pod, PodSpec};
-pub use prometheus::metric_value;
+pub use prometheus::{Sample, metric_value, samples};
 pub use sandbox::{Sandbox, SandboxOptions, unique_tag};
 pub use topology::{Addressing, Node, NodeId};
 pub use weir::netns::NetNs;

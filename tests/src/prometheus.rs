@@ -4,8 +4,7 @@
 /// `labels`, or `None` when no series matches. Summing lets a test ask for
 /// "all redirects" without naming every label a series carries.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter_map(parse_sample)
+    samples(text)
         .filter(|sample| {
             sample.name == name
                 && labels
@@ -16,10 +15,27 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         .reduce(|sum, value| sum + value)
 }
 
-struct Sample<'a> {
-    name: &'a str,
-    labels: Vec<(&'a str, String)>,
-    value: f64,
+/// One sample of a scrape.
+#[derive(Debug)]
+pub struct Sample<'a> {
+    pub name: &'a str,
+    pub labels: Vec<(&'a str, String)>,
+    pub value: f64,
+}
+
+impl Sample<'_> {
+    /// The value of label `key`, or "" when the series has none.
+    pub fn label(&self, key: &str) -> &str {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Every sample of a scrape, skipping comments and malformed lines.
+pub fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
+    text.lines().filter_map(parse_sample)
 }
 
 /// One line such as `weir_redirected_total{dir="out",pod="a"} 3`; comments,

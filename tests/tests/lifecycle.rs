@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use weir::datapath::{PROGRAMS, PinDir};
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, metric_value};
 
 /// How long an agent may take to attach and apply the manifests.
@@ -34,15 +35,6 @@ const EXIT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(50);
 const SERVER_PORT: u16 = 9080;
-const PIN_ROOT: &str = "/sys/fs/bpf/weir";
-/// Every program the agent attaches, as README's "Architecture" lists them.
-const PROGRAMS: [&str; 5] = [
-    "redirect_connect4",
-    "redirect_connect6",
-    "restore_peer4",
-    "restore_peer6",
-    "track_connect",
-];
 const MESH: (&str, &str) = ("weir.dev/mesh", "enabled");
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const DECISIONS: &str = "weir_decisions_total";
@@ -311,7 +303,7 @@ fn uninstall_removes_everything() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let pins = Path::new(PIN_ROOT).join(&node);
+    let pins = PinDir::for_node(&node).path().to_path_buf();
     assert!(!pins.exists(), "{} is still there", pins.display());
     let attached = cgroup_attachments(&cgroup).unwrap();
     assert!(attached.is_empty(), "still attached: {attached:?}");
@@ -706,7 +698,7 @@ struct Installed {
 
 impl Installed {
     fn read(node: &str, cgroup: &Path) -> Result<Installed> {
-        let pins = Path::new(PIN_ROOT).join(node);
+        let pins = PinDir::for_node(node).path().to_path_buf();
         let ids = |kind: &str, dir: &str| -> Result<Vec<(&'static str, u64)>> {
             PROGRAMS
                 .iter()

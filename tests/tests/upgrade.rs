@@ -9,15 +9,8 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use weir::datapath::{PROGRAMS, PinDir};
 use weir_sandbox::{NodeId, PodSpec, Sandbox, SandboxOptions};
-
-const PROGRAMS: [&str; 5] = [
-    "redirect_connect4",
-    "redirect_connect6",
-    "restore_peer4",
-    "restore_peer6",
-    "track_connect",
-];
 
 fn bpftool_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new("bpftool")
@@ -71,7 +64,9 @@ fn other_build_and_older_layout_replace_programs_in_place() {
             let _ = stream.write_all(peer.ip().to_string().as_bytes());
         }
     });
-    let pins = Path::new("/sys/fs/bpf/weir").join(sb.node(NodeId::Xuegod63).name());
+    let pins = PinDir::for_node(sb.node(NodeId::Xuegod63).name())
+        .path()
+        .to_path_buf();
 
     let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();

@@ -32,7 +32,7 @@ pub use maps::Maps;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
 
 /// Every program of the object; each is attached to the node's cgroup.
-const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 5] = [
     "redirect_connect4",
     "redirect_connect6",
     "restore_peer4",

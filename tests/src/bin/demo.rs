@@ -20,7 +20,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, agent_binary};
+use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, agent_binary, samples};
 
 /// Bookinfo's port, for every app and service.
 const PORT: u16 = 9080;
@@ -741,43 +741,6 @@ fn python3() -> Option<PathBuf> {
 // ----------------------------------------------------------------------
 // Metrics
 
-/// One sample line of the Prometheus text format: name, labels, value.
-fn parse_sample(line: &str) -> Option<(&str, BTreeMap<String, String>, f64)> {
-    if line.starts_with('#') || line.trim().is_empty() {
-        return None;
-    }
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    let mut labels = BTreeMap::new();
-    let mut rest = &line[name_end..];
-    if let Some(mut text) = rest.strip_prefix('{') {
-        loop {
-            text = text.trim_start_matches(',');
-            if let Some(after) = text.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let (key, quoted) = text.split_once("=\"")?;
-            let mut value = String::new();
-            let mut chars = quoted.char_indices();
-            let end = loop {
-                match chars.next()? {
-                    (i, '"') => break i,
-                    (_, '\\') => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        c => value.push(c),
-                    },
-                    (_, c) => value.push(c),
-                }
-            };
-            labels.insert(key.to_owned(), value);
-            text = &quoted[end + 1..];
-        }
-    }
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some((name, labels, value))
-}
-
 /// `[opened, closed, request bytes, response bytes]` per
 /// (source, destination, service, response flags).
 type Flows = BTreeMap<(String, String, String, String), [f64; 4]>;
@@ -790,18 +753,18 @@ fn flows(metrics: &str) -> Flows {
         "istio_tcp_sent_bytes_total",
     ];
     let mut flows = Flows::new();
-    for (name, labels, value) in metrics.lines().filter_map(parse_sample) {
-        let Some(column) = families.iter().position(|f| *f == name) else {
+    for sample in samples(metrics) {
+        let Some(column) = families.iter().position(|f| *f == sample.name) else {
             continue;
         };
-        let label = |key: &str| labels.get(key).cloned().unwrap_or_default();
+        let label = |key: &str| sample.label(key).to_owned();
         let key = (
             label("source_workload"),
             label("destination_workload"),
             label("destination_service_name"),
             label("response_flags"),
         );
-        flows.entry(key).or_default()[column] += value;
+        flows.entry(key).or_default()[column] += sample.value;
     }
     flows
 }
@@ -853,13 +816,9 @@ fn print_metrics(agents: &[(NodeId, Agent)]) -> Result<()> {
                 &rows,
             );
         }
-        let decisions: Vec<String> = metrics
-            .lines()
-            .filter_map(parse_sample)
-            .filter(|(name, _, value)| *name == "weir_decisions_total" && *value > 0.0)
-            .map(|(_, labels, value)| {
-                format!("{} {value}", labels.get("decision").map_or("?", |d| d))
-            })
+        let decisions: Vec<String> = samples(&metrics)
+            .filter(|s| s.name == "weir_decisions_total" && s.value > 0.0)
+            .map(|s| format!("{} {}", s.label("decision"), s.value))
             .collect();
         println!("    weir_decisions_total: {}", decisions.join(", "));
         println!();
