@@ -2,9 +2,10 @@
 //!
 //! For each pod that should be enrolled on this node, the agent finds the
 //! pod's network namespace by IP, starts the pod's socket factory, opens the
-//! outbound listener inside it, and then writes the pod into the eBPF maps.
-//! Only then does connect4 redirect the pod's connections. A pod that goes
-//! away or is unlabelled loses its map entry and its listener.
+//! outbound (15001) and inbound (15006) listeners inside it, writes the pod
+//! into the eBPF maps and attaches sk_lookup to its namespace. Only then do
+//! the programs steer the pod's connections. A pod that goes away or is
+//! unlabelled loses its map entries, its sk_lookup link and its listeners.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,14 +16,14 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
-use weir_common::{Cidr4, OUTBOUND_PORT, PodConfig};
+use weir_common::{Cidr4, INBOUND_PORT, InboundConfig, OUTBOUND_PORT, PodConfig};
 
-use crate::datapath::maps::{EnrolledMap, ListenerMap};
+use crate::datapath::InboundHook;
+use crate::datapath::maps::{EnrolledMap, InboundPodMap, ListenerMap};
 use crate::inpod::{NetnsFinder, SocketFactory};
 use crate::model::{Cluster, Workload, WorkloadKey};
 use crate::netns::NetNs;
-use crate::proxy::ProxyContext;
-use crate::proxy::outbound::{self, PodProxy};
+use crate::proxy::{PodProxy, ProxyContext, inbound, outbound};
 
 /// An enrolled pod, as `/config_dump` shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -36,25 +37,54 @@ pub struct EnrolledPod {
     pub excluded_cidrs: Vec<String>,
 }
 
-/// The two maps enrollment writes. The metrics count their entries at
-/// scrape time, so they are shared.
+/// The maps enrollment writes. The metrics count their entries at scrape
+/// time, so they are shared.
 pub struct PodMaps {
+    /// Outbound, by netns cookie.
     pub enrolled: EnrolledMap,
-    pub listeners: ListenerMap,
+    pub listeners: ListenerMap<u64>,
+    /// Inbound, by pod address.
+    pub inbound_pods: InboundPodMap,
+    pub inbound_listeners: ListenerMap<u32>,
+}
+
+impl PodMaps {
+    /// Takes a pod out of both directions' maps. Its listeners leave the
+    /// listener maps by themselves, when they close.
+    fn forget(&mut self, netns_cookie: u64, ip4: u32) {
+        let _ = self.enrolled.remove(netns_cookie);
+        self.inbound_pods.remove(ip4);
+    }
 }
 
 struct Enrolled {
     summary: EnrolledPod,
-    config: PodConfig,
-    serving: JoinHandle<()>,
+    ip: Ipv4Addr,
+    outbound: PodConfig,
+    inbound: InboundConfig,
+    /// The outbound and inbound accept loops.
+    serving: [JoinHandle<()>; 2],
+}
+
+impl Enrolled {
+    fn ip4(&self) -> u32 {
+        map_key(self.ip)
+    }
 }
 
 impl Drop for Enrolled {
-    /// Ending the task drops the listener; the kernel then drops it from
-    /// the listener map too.
+    /// Ending the tasks drops the listeners; the kernel then drops them from
+    /// the listener maps too.
     fn drop(&mut self) {
-        self.serving.abort();
+        for task in &self.serving {
+            task.abort();
+        }
     }
+}
+
+/// An IPv4 address as the programs see it: network order in a u32.
+fn map_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
 }
 
 pub struct Enrollment {
@@ -62,6 +92,7 @@ pub struct Enrollment {
     finder: NetnsFinder,
     ctx: Arc<ProxyContext>,
     maps: Arc<Mutex<PodMaps>>,
+    hook: InboundHook,
     pods: HashMap<WorkloadKey, Enrolled>,
     /// When each pod that still waits for enrollment was first wanted.
     waiting: HashMap<WorkloadKey, Instant>,
@@ -74,12 +105,14 @@ impl Enrollment {
         finder: NetnsFinder,
         ctx: Arc<ProxyContext>,
         maps: Arc<Mutex<PodMaps>>,
+        hook: InboundHook,
     ) -> Enrollment {
         Enrollment {
             node,
             finder,
             ctx,
             maps,
+            hook,
             pods: HashMap::new(),
             waiting: HashMap::new(),
             summary: Arc::default(),
@@ -109,12 +142,13 @@ impl Enrollment {
                 .is_some_and(|(_, ip)| pod.summary.ip == IpAddr::V4(*ip));
             if !keep {
                 info!(pod = %key, "unenrolled");
-                released.push(pod.summary.netns_cookie);
+                released.push((pod.summary.netns_cookie, pod.ip4()));
             }
             keep
         });
-        for cookie in released {
-            let _ = self.maps.lock().unwrap().enrolled.remove(cookie);
+        for (cookie, ip4) in released {
+            self.maps.lock().unwrap().forget(cookie, ip4);
+            self.hook.detach(cookie);
         }
         self.waiting.retain(|key, _| wanted.contains_key(key));
 
@@ -129,22 +163,22 @@ impl Enrollment {
             HashMap::new()
         };
         for (key, (workload, ip)) in &wanted {
-            let config = pod_config(workload);
+            let (outbound, inbound) = (pod_config(workload), inbound_config(workload));
             if let Some(pod) = self.pods.get_mut(key) {
-                if pod.config != config {
-                    pod.config = config;
+                if (pod.outbound, pod.inbound) != (outbound, inbound) {
+                    pod.outbound = outbound;
+                    pod.inbound = inbound;
                     pod.summary.excluded_ports = workload.excluded_ports.clone();
                     pod.summary.excluded_cidrs = workload
                         .excluded_cidrs
                         .iter()
                         .map(ToString::to_string)
                         .collect();
-                    let updated = self
-                        .maps
-                        .lock()
-                        .unwrap()
+                    let mut maps = self.maps.lock().unwrap();
+                    let updated = maps
                         .enrolled
-                        .insert(pod.summary.netns_cookie, &config);
+                        .insert(pod.summary.netns_cookie, &outbound)
+                        .and_then(|()| maps.inbound_pods.insert(map_key(*ip), &inbound));
                     if let Err(e) = updated {
                         warn!(pod = %key, error = %e, "updating exclusions failed");
                     }
@@ -155,7 +189,10 @@ impl Enrollment {
             let Some(path) = netns_by_ip.get(&IpAddr::V4(*ip)) else {
                 continue;
             };
-            match self.enroll(key, workload, *ip, path, config).await {
+            match self
+                .enroll(key, workload, *ip, path, outbound, inbound)
+                .await
+            {
                 Ok(pod) => {
                     info!(pod = %key, ip = %ip, netns = %path.display(), took_ms = since.elapsed().as_millis() as u64, "enrolled");
                     self.waiting.remove(key);
@@ -169,11 +206,22 @@ impl Enrollment {
         // wanted pod still waits, its old entry keeps its fail mode in force
         // until this agent takes it over, so pruning waits too.
         if self.waiting.is_empty() {
-            let live: Vec<u64> = self.pods.values().map(|p| p.summary.netns_cookie).collect();
+            let cookies: Vec<u64> = self.pods.values().map(|p| p.summary.netns_cookie).collect();
+            let addresses: Vec<u32> = self.pods.values().map(Enrolled::ip4).collect();
             let mut maps = self.maps.lock().unwrap();
             for cookie in maps.enrolled.cookies() {
-                if !live.contains(&cookie) {
+                if !cookies.contains(&cookie) {
                     let _ = maps.enrolled.remove(cookie);
+                }
+            }
+            for ip4 in maps.inbound_pods.addresses() {
+                if !addresses.contains(&ip4) {
+                    maps.inbound_pods.remove(ip4);
+                }
+            }
+            for cookie in self.hook.attached() {
+                if !cookies.contains(&cookie) {
+                    self.hook.detach(cookie);
                 }
             }
         }
@@ -186,30 +234,41 @@ impl Enrollment {
 
     /// Enrolls one pod whose namespace is at `path`.
     async fn enroll(
-        &self,
+        &mut self,
         key: &WorkloadKey,
         workload: &Workload,
         ip: Ipv4Addr,
         path: &Path,
-        config: PodConfig,
+        outbound: PodConfig,
+        inbound: InboundConfig,
     ) -> anyhow::Result<Enrolled> {
         let netns = NetNs::open(path)?;
         let factory = SocketFactory::start(&netns, &workload.name)?;
         let cookie = factory.netns_cookie();
-        let listener = factory
-            .listener(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))
-            .await?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let listen = |port| factory.listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let outbound_listener = tokio::net::TcpListener::from_std(listen(OUTBOUND_PORT).await?)?;
+        let inbound_listener = tokio::net::TcpListener::from_std(listen(INBOUND_PORT).await?)?;
         {
             let mut maps = self.maps.lock().unwrap();
-            maps.listeners.insert(cookie, &listener)?;
-            maps.enrolled.insert(cookie, &config)?;
+            maps.listeners.insert(cookie, &outbound_listener)?;
+            maps.inbound_listeners
+                .insert(map_key(ip), &inbound_listener)?;
+            maps.inbound_pods.insert(map_key(ip), &inbound)?;
+            maps.enrolled.insert(cookie, &outbound)?;
         }
+        self.hook.attach(netns.file(), cookie)?;
         let proxy = Arc::new(PodProxy {
             key: key.clone(),
             factory,
         });
-        let serving = tokio::spawn(outbound::serve(listener, proxy, self.ctx.clone()));
+        let serving = [
+            tokio::spawn(outbound::serve(
+                outbound_listener,
+                proxy.clone(),
+                self.ctx.clone(),
+            )),
+            tokio::spawn(inbound::serve(inbound_listener, proxy, self.ctx.clone())),
+        ];
         Ok(Enrolled {
             summary: EnrolledPod {
                 namespace: workload.namespace.clone(),
@@ -224,7 +283,9 @@ impl Enrollment {
                     .map(ToString::to_string)
                     .collect(),
             },
-            config,
+            ip,
+            outbound,
+            inbound,
             serving,
         })
     }
@@ -241,6 +302,20 @@ fn first_ipv4(workload: &Workload) -> Option<Ipv4Addr> {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
     })
+}
+
+/// The eBPF view of a pod's inbound exclusions.
+fn inbound_config(workload: &Workload) -> InboundConfig {
+    let mut config = InboundConfig::default();
+    for (slot, port) in config
+        .excluded_ports
+        .iter_mut()
+        .zip(&workload.excluded_inbound_ports)
+    {
+        *slot = *port;
+        config.n_excluded_ports += 1;
+    }
+    config
 }
 
 /// The eBPF view of a pod's exclusions. Only IPv4 CIDRs matter: native IPv6

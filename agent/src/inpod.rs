@@ -75,11 +75,19 @@ impl SocketFactory {
             .map_err(|_| io::Error::other("pod thread dropped a request"))?
     }
 
-    /// An unconnected TCP socket in the pod, for an upstream connection.
-    pub async fn tcp_socket(&self, peer: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+    /// An unconnected TCP socket in the pod for a connection to `peer`,
+    /// bound to `source` when given.
+    pub async fn tcp_socket(
+        &self,
+        peer: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> io::Result<tokio::net::TcpSocket> {
         let socket = self
             .make(move || {
                 let socket = Socket::new(Domain::for_address(peer), Type::STREAM, None)?;
+                if let Some(ip) = source {
+                    socket.bind(&SocketAddr::new(ip, 0).into())?;
+                }
                 socket.set_nonblocking(true)?;
                 socket.set_tcp_nodelay(true)?;
                 Ok(socket)

@@ -55,10 +55,36 @@ impl Peer {
     }
 }
 
+/// Which end of the connection reports: the client's proxy (outbound) or
+/// the server's (inbound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    fn name(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+
+    /// As Istio reports it: the server's side knows the connection was
+    /// plaintext; the client's side cannot know the server's mode.
+    fn security_policy(self) -> &'static str {
+        match self {
+            Reporter::Source => UNKNOWN,
+            Reporter::Destination => "none",
+        }
+    }
+}
+
 /// Istio's standard label set for TCP metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TcpLabels {
-    pub reporter: &'static str,
+    pub reporter: Reporter,
     pub source: Peer,
     pub destination: Peer,
     /// FQDN, short name and namespace of the destination service.
@@ -70,7 +96,7 @@ impl TcpLabels {
     fn pairs(&self) -> [(&'static str, &str); 21] {
         let (s, d) = (&self.source, &self.destination);
         [
-            ("reporter", self.reporter),
+            ("reporter", self.reporter.name()),
             ("source_workload", &s.workload),
             ("source_workload_namespace", &s.namespace),
             ("source_principal", &s.principal),
@@ -93,8 +119,10 @@ impl TcpLabels {
             ),
             ("request_protocol", "tcp"),
             ("response_flags", self.response_flags),
-            // The source reporter cannot know the server's mTLS mode.
-            ("connection_security_policy", UNKNOWN),
+            (
+                "connection_security_policy",
+                self.reporter.security_policy(),
+            ),
         ]
     }
 }
@@ -113,7 +141,8 @@ pub struct TcpCounters {
 /// Data-path gauges and counters read from the kernel at scrape time.
 #[derive(Debug, Default)]
 pub struct DatapathStats {
-    pub decisions: Vec<(&'static str, u64)>,
+    /// (direction, decision, count)
+    pub decisions: Vec<(&'static str, &'static str, u64)>,
     /// (map name, entries, capacity)
     pub maps: Vec<(&'static str, usize, u32)>,
     pub enrolled_pods: usize,
@@ -188,13 +217,13 @@ impl Metrics {
         header(
             &mut out,
             "weir_decisions_total",
-            "connect() decisions of the eBPF programs on this node.",
+            "Decisions of the eBPF programs on this node, per direction.",
             "counter",
         );
-        for (decision, count) in &stats.decisions {
+        for (direction, decision, count) in &stats.decisions {
             let _ = writeln!(
                 out,
-                "weir_decisions_total{{decision=\"{decision}\"}} {count}"
+                "weir_decisions_total{{direction=\"{direction}\",decision=\"{decision}\"}} {count}"
             );
         }
         header(
@@ -257,7 +286,7 @@ mod tests {
 
     fn labels(source: &str, flags: &'static str) -> TcpLabels {
         TcpLabels {
-            reporter: "source",
+            reporter: Reporter::Source,
             source: Peer {
                 workload: source.into(),
                 namespace: "default".into(),

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 use weir_common::{
-    Decision, FAIL_CLOSED, FAIL_OPEN, MAX_ENROLLED_PODS, ORIG_DST_ENTRIES, Settings,
+    Decision, Direction, FAIL_CLOSED, FAIL_OPEN, MAX_ENROLLED_PODS, ORIG_DST_ENTRIES, Settings,
 };
 
 use crate::admin::{self, AgentView, Endpoint};
@@ -81,12 +81,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let pod_maps = Arc::new(Mutex::new(PodMaps {
         enrolled: maps.enrolled,
         listeners: maps.listeners,
+        inbound_pods: maps.inbound_pods,
+        inbound_listeners: maps.inbound_listeners,
     }));
     let mut enrollment = Enrollment::new(
         config.node.clone(),
         NetnsFinder::new(config.netns_dir.clone()),
         ctx.clone(),
         pod_maps.clone(),
+        datapath.inbound,
     );
     let agent = Arc::new(Agent {
         node: config.node.clone(),
@@ -167,23 +170,31 @@ struct Agent {
 
 impl Agent {
     fn stats(&self) -> DatapathStats {
-        let mut decisions = match self.decisions.totals() {
-            Ok(totals) => Decision::ALL.iter().map(|d| d.name()).zip(totals).collect(),
-            Err(e) => {
-                warn!(error = %e, "reading decision counters failed");
-                Vec::new()
-            }
-        };
-        // A miss is found in user space, when the proxy accepts.
-        let misses = self.ctx.orig_dst_misses.load(Relaxed);
-        for (name, count) in &mut decisions {
-            if *name == Decision::OrigDstMiss.name() {
-                *count += misses;
+        let mut decisions = Vec::new();
+        for direction in Direction::ALL {
+            for decision in Decision::ALL {
+                let mut count = match self.decisions.total(direction, decision) {
+                    Ok(count) => count,
+                    Err(e) => {
+                        warn!(error = %e, "reading decision counters failed");
+                        continue;
+                    }
+                };
+                // A miss is found in user space, when the proxy accepts.
+                if (direction, decision) == (Direction::Outbound, Decision::OrigDstMiss) {
+                    count += self.ctx.orig_dst_misses.load(Relaxed);
+                }
+                decisions.push((direction.name(), decision.name(), count));
             }
         }
-        let (enrolled, listeners) = {
+        let (enrolled, listeners, inbound_pods, inbound_listeners) = {
             let maps = self.pod_maps.lock().unwrap();
-            (maps.enrolled.entries(), maps.listeners.entries())
+            (
+                maps.enrolled.entries(),
+                maps.listeners.entries(),
+                maps.inbound_pods.entries(),
+                maps.inbound_listeners.entries(),
+            )
         };
         let orig_dst = self.ctx.orig_dst.lock().unwrap().entries();
         DatapathStats {
@@ -191,6 +202,8 @@ impl Agent {
             maps: vec![
                 ("ENROLLED", enrolled, MAX_ENROLLED_PODS),
                 ("LISTENERS", listeners, MAX_ENROLLED_PODS),
+                ("INBOUND_PODS", inbound_pods, MAX_ENROLLED_PODS),
+                ("INBOUND_LISTENERS", inbound_listeners, MAX_ENROLLED_PODS),
                 ("ORIG_DST", orig_dst, ORIG_DST_ENTRIES),
                 ("SOCKETS", self.sockets.entries(), ORIG_DST_ENTRIES),
             ],

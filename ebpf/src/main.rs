@@ -8,6 +8,9 @@
 //!   forgets the socket when it closes.
 //! - `restore_peer4/6` (cgroup/getpeername4, getpeername6) give the app its
 //!   original destination back.
+//! - `steer_inbound` (sk_lookup, attached to each enrolled pod's namespace)
+//!   hands connections for the pod's address, on any port, to the agent's
+//!   listener on 127.0.0.1:15006 in that namespace.
 #![no_std]
 #![no_main]
 
@@ -21,13 +24,14 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_map_lookup_elem, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use weir_common::{
-    ConnKey, Decision, FAIL_CLOSED, MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
-    ORIG_DST_ENTRIES, OUTBOUND_PORT, OrigDst, PodConfig, Settings,
+    ConnKey, DENY_CACHE_ENTRIES, Decision, DenyKey, Direction, FAIL_CLOSED, INBOUND_DELIVERY_IP,
+    InboundConfig, MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, ORIG_DST_ENTRIES,
+    OUTBOUND_PORT, OrigDst, PodConfig, Settings,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -58,12 +62,30 @@ static SOCKETS: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 
 #[map]
 static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
 
+/// Destinations an enrolled pod may not reach, by (netns cookie, address,
+/// port), with the policy generation the agent decided in.
 #[map]
-static DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(Decision::COUNT, 0);
+static DENY_CACHE: LruHashMap<DenyKey, u64> = LruHashMap::pinned(DENY_CACHE_ENTRIES, 0);
+
+/// Enrolled pods' inbound settings, by pod IPv4 address.
+#[map]
+static INBOUND_PODS: HashMap<u32, InboundConfig> = HashMap::pinned(MAX_ENROLLED_PODS, 0);
+
+/// The agent's inbound listener of each enrolled pod, by pod IPv4 address.
+#[map]
+static INBOUND_LISTENERS: SockHash<u32> = SockHash::pinned(MAX_ENROLLED_PODS, 0);
+
+#[map]
+static DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(2 * Decision::COUNT, 0);
 
 #[inline(always)]
 fn count(decision: Decision) {
-    if let Some(counter) = DECISIONS.get_ptr_mut(decision as u32) {
+    count_in(Direction::Outbound, decision);
+}
+
+#[inline(always)]
+fn count_in(direction: Direction, decision: Decision) {
+    if let Some(counter) = DECISIONS.get_ptr_mut(direction.slot(decision)) {
         // SAFETY: per-CPU slot, nothing else writes it concurrently.
         unsafe { *counter += 1 };
     }
@@ -119,6 +141,23 @@ fn agent_listening(netns_cookie: u64) -> bool {
     true
 }
 
+/// Whether policy, as the agent last decided it, denies this destination.
+/// The agent fills the cache only with decisions that hold for every
+/// endpoint behind the destination.
+fn denied(netns_cookie: u64, ip4: u32, port: u16) -> bool {
+    let key = DenyKey {
+        netns_cookie,
+        ip4,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(generation) = (unsafe { DENY_CACHE.get(key).copied() }) else {
+        return false;
+    };
+    SETTINGS.get(0).is_some_and(|s| s.policy_generation == generation)
+}
+
 enum Verdict {
     Pass,
     Refuse,
@@ -144,6 +183,10 @@ fn decide(ctx: &SockAddrContext, ip4: u32, port: u16) -> Verdict {
     if is_excluded(pod, ip4, port) {
         count(Decision::Excluded);
         return Verdict::Pass;
+    }
+    if denied(netns, ip4, port) {
+        count(Decision::Denied);
+        return Verdict::Refuse;
     }
     if !agent_listening(netns) {
         let closed = SETTINGS.get(0).is_some_and(|s| s.fail_mode == FAIL_CLOSED);
@@ -300,6 +343,52 @@ fn on_connect(ctx: &SockOpsContext) {
     }
     // Hear about the close, to forget the socket's record.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+const AF_INET: u32 = 2;
+
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    // SAFETY: fields of the kernel's bpf_sk_lookup, copied to the stack.
+    let (family, protocol, local_ip4, remote_ip4, local_port) = unsafe {
+        let l = &*ctx.lookup;
+        (l.family, l.protocol, l.local_ip4, l.remote_ip4, l.local_port)
+    };
+    // Loopback inside the pod, and the proxy's own delivery from
+    // 127.0.0.6, go to the app as they are.
+    if family != AF_INET
+        || protocol != IPPROTO_TCP
+        || is_loopback4(local_ip4)
+        || remote_ip4 == u32::from_ne_bytes(INBOUND_DELIVERY_IP)
+    {
+        return SK_PASS;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(pod) = (unsafe { INBOUND_PODS.get(local_ip4).copied() }) else {
+        count_in(Direction::Inbound, Decision::NotEnrolled);
+        return SK_PASS;
+    };
+    for i in 0..MAX_EXCLUDED_PORTS {
+        if i as u32 >= pod.n_excluded_ports {
+            break;
+        }
+        if u32::from(pod.excluded_ports[i]) == local_port {
+            count_in(Direction::Inbound, Decision::Excluded);
+            return SK_PASS;
+        }
+    }
+    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local_ip4, 0).is_ok() {
+        count_in(Direction::Inbound, Decision::Redirected);
+        return SK_PASS;
+    }
+    if SETTINGS.get(0).is_some_and(|s| s.fail_mode == FAIL_CLOSED) {
+        count_in(Direction::Inbound, Decision::FailClosed);
+        return SK_DROP;
+    }
+    count_in(Direction::Inbound, Decision::FailOpen);
+    SK_PASS
 }
 
 #[cfg(not(test))]

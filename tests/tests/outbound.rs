@@ -6,19 +6,18 @@
 //! it connected to 127.0.0.1:15001, so its local address is 127.0.0.1, while
 //! getpeername() still reports the original destination.
 
+mod common;
+
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{
+    ECHO, IO_TIMEOUT, STREAM, decisions, echo, metric, promtool_check, redirected, serve_echo,
+    wait_until,
+};
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, metric_value};
-
-/// Port of the echo servers: they read until the client half-closes, then
-/// answer with a line "<server pod> <peer address it saw>", then the bytes.
-const ECHO: u16 = 7000;
-/// Port of the streaming echo servers: bytes go straight back as they come.
-const STREAM: u16 = 7001;
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 struct Mesh {
     sb: Sandbox,
@@ -68,75 +67,6 @@ fn server_spec(name: &str, node: NodeId) -> PodSpec {
     PodSpec::new(name, node)
         .label("app", name)
         .ports(&[("echo", ECHO), ("stream", STREAM)])
-}
-
-/// Starts both echo servers in `pod`; their threads live until the test
-/// process exits.
-fn serve_echo(pod: &Pod) {
-    let name = pod.name().to_owned();
-    accept_loop(pod.listen(ECHO).unwrap(), move |mut stream, peer| {
-        let mut request = Vec::new();
-        stream.read_to_end(&mut request)?;
-        stream.write_all(format!("{name} {peer}\n").as_bytes())?;
-        stream.write_all(&request)
-    });
-    accept_loop(pod.listen(STREAM).unwrap(), |mut stream, _| {
-        let mut reader = stream.try_clone()?;
-        io::copy(&mut reader, &mut stream)?;
-        stream.shutdown(Shutdown::Write)
-    });
-}
-
-fn accept_loop<F>(listener: TcpListener, handle: F)
-where
-    F: Fn(TcpStream, SocketAddr) -> io::Result<()> + Clone + Send + 'static,
-{
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let peer = stream.peer_addr().unwrap();
-            stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-            let handle = handle.clone();
-            thread::spawn(move || handle(stream, peer));
-        }
-    });
-}
-
-/// What an ECHO server said about one exchange.
-struct Echoed {
-    server: String,
-    peer: SocketAddr,
-}
-
-/// One exchange with an ECHO server, checking that the bytes come back.
-fn echo(stream: &mut TcpStream, payload: &[u8]) -> io::Result<Echoed> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(payload)?;
-    stream.shutdown(Shutdown::Write)?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer)?;
-    let newline = answer
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(|| io::Error::other("no peer line in the answer"))?;
-    assert_eq!(&answer[newline + 1..], payload, "echoed bytes differ");
-    let line = std::str::from_utf8(&answer[..newline]).unwrap();
-    let (server, peer) = line.split_once(' ').unwrap();
-    Ok(Echoed {
-        server: server.to_owned(),
-        peer: peer.parse().unwrap(),
-    })
-}
-
-fn redirected(stream: &TcpStream) -> bool {
-    stream.local_addr().unwrap().ip().to_canonical() == IpAddr::V4(Ipv4Addr::LOCALHOST)
-}
-
-fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&agent.metrics().unwrap(), name, labels).unwrap_or(0.0)
-}
-
-fn decisions(agent: &Agent, decision: &str) -> f64 {
-    metric(agent, "weir_decisions_total", &[("decision", decision)])
 }
 
 #[test]
@@ -545,31 +475,4 @@ fn metrics_pass_promtool_and_bytes_advance_while_connected() {
         metric_value(&text, "weir_map_entries", &[("map", "LISTENERS")]),
         Some(1.0)
     );
-}
-
-/// Prometheus' own linter, as a user would run it on a scrape.
-fn promtool_check(text: &str) -> std::process::Output {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed by cargo xtask setup");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }

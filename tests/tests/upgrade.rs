@@ -10,6 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use weir::datapath::{PROGRAMS, PinDir};
+use weir_common::{LAYOUT_VERSION, Settings};
 use weir_sandbox::{NodeId, PodSpec, Sandbox, SandboxOptions};
 
 fn bpftool_json(args: &[&str]) -> serde_json::Value {
@@ -26,12 +27,21 @@ fn bpftool_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// (link id, program id) of every pinned link.
+/// (link id, program id) of every pinned link: the cgroup links and the
+/// enrolled pod's sk_lookup link.
 fn links(pins: &Path) -> Vec<(u64, u64)> {
-    PROGRAMS
+    let inbound = std::fs::read_dir(pins.join("links/inbound"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path());
+    let links: Vec<_> = PROGRAMS
         .iter()
-        .map(|name| {
-            let link = pins.join("links").join(name);
+        .map(|name| pins.join("links").join(name))
+        .chain(inbound)
+        .collect();
+    assert_eq!(links.len(), PROGRAMS.len() + 1);
+    links
+        .iter()
+        .map(|link| {
             let info = bpftool_json(&["link", "show", "pinned", link.to_str().unwrap()]);
             (
                 info["id"].as_u64().unwrap(),
@@ -83,7 +93,7 @@ fn other_build_and_older_layout_replace_programs_in_place() {
 
     // Make the pins look like another build's, with an older map layout
     // beside them.
-    let settings = pins.join("maps-v1/SETTINGS");
+    let settings = pins.join(format!("maps-v{LAYOUT_VERSION}/SETTINGS"));
     let mut update = vec![
         "map",
         "update",
@@ -96,7 +106,8 @@ fn other_build_and_older_layout_replace_programs_in_place() {
         "0",
         "value",
     ];
-    let value: Vec<String> = (0..24)
+    let value: Vec<String> = (0..size_of::<Settings>())
+        // Byte 8 is the low byte of `build_id`.
         .map(|i| if i == 8 { "1" } else { "0" }.to_owned())
         .collect();
     update.extend(value.iter().map(String::as_str));
@@ -106,7 +117,8 @@ fn other_build_and_older_layout_replace_programs_in_place() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::create_dir(pins.join("maps-v0")).unwrap();
+    let older = pins.join(format!("maps-v{}", LAYOUT_VERSION - 1));
+    std::fs::create_dir(&older).unwrap();
 
     let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
@@ -120,10 +132,7 @@ fn other_build_and_older_layout_replace_programs_in_place() {
         attached,
         "no attachment added or lost"
     );
-    assert!(
-        !pins.join("maps-v0").exists(),
-        "the older layout must be removed"
-    );
+    assert!(!older.exists(), "the older layout must be removed");
 
     // And the new programs redirect.
     let mut stream = client.connect(server.addr(7000)).unwrap();

@@ -2,7 +2,9 @@
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use std::os::fd::AsRawFd;
-use weir_common::{ConnKey, Decision, OrigDst, PodConfig, Settings};
+use weir_common::{
+    ConnKey, Decision, DenyKey, Direction, InboundConfig, OrigDst, PodConfig, Settings,
+};
 
 /// Node-wide settings read by connect4/6.
 pub struct SettingsMap(Array<MapData, Settings>);
@@ -42,13 +44,49 @@ impl EnrolledMap {
     }
 }
 
-/// The agent's outbound listeners by netns cookie; the kernel removes a
-/// listener when it closes.
-pub struct ListenerMap(SockHash<MapData, u64>);
+/// The agent's listeners, by netns cookie (outbound) or pod address
+/// (inbound); the kernel removes a listener when it closes.
+pub struct ListenerMap<K>(SockHash<MapData, K>);
 
-impl ListenerMap {
-    pub fn insert(&mut self, netns_cookie: u64, listener: &impl AsRawFd) -> Result<(), MapError> {
-        self.0.insert(netns_cookie, listener.as_raw_fd(), 0)
+impl<K: aya::Pod> ListenerMap<K> {
+    pub fn insert(&mut self, key: K, listener: &impl AsRawFd) -> Result<(), MapError> {
+        self.0.insert(key, listener.as_raw_fd(), 0)
+    }
+
+    /// Live entries, for the occupancy metric.
+    pub fn entries(&self) -> usize {
+        self.0.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// Enrolled pods' inbound settings by IPv4 address (network order).
+pub struct InboundPodMap(HashMap<MapData, u32, InboundConfig>);
+
+impl InboundPodMap {
+    pub fn insert(&mut self, ip4: u32, config: &InboundConfig) -> Result<(), MapError> {
+        self.0.insert(ip4, config, 0)
+    }
+
+    pub fn remove(&mut self, ip4: u32) {
+        let _ = self.0.remove(&ip4);
+    }
+
+    pub fn addresses(&self) -> Vec<u32> {
+        self.0.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Live entries, for the occupancy metric.
+    pub fn entries(&self) -> usize {
+        self.0.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// Cached denials that connect4 enforces without asking the proxy.
+pub struct DenyCache(HashMap<MapData, DenyKey, u64>);
+
+impl DenyCache {
+    pub fn insert(&mut self, key: DenyKey, generation: u64) -> Result<(), MapError> {
+        self.0.insert(key, generation, 0)
     }
 
     /// Live entries, for the occupancy metric.
@@ -85,17 +123,13 @@ impl SocketMap {
     }
 }
 
-/// Per-CPU decision counters of connect4/6.
+/// Per-CPU decision counters of the programs, per direction.
 pub struct DecisionCounters(PerCpuArray<MapData, u64>);
 
 impl DecisionCounters {
-    /// Totals over all CPUs, in `Decision::ALL` order.
-    pub fn totals(&self) -> Result<[u64; Decision::COUNT as usize], MapError> {
-        let mut totals = [0; Decision::COUNT as usize];
-        for (slot, decision) in totals.iter_mut().zip(Decision::ALL) {
-            *slot = self.0.get(&(decision as u32), 0)?.iter().sum();
-        }
-        Ok(totals)
+    /// The total over all CPUs of one decision.
+    pub fn total(&self, direction: Direction, decision: Decision) -> Result<u64, MapError> {
+        Ok(self.0.get(&direction.slot(decision), 0)?.iter().sum())
     }
 }
 
@@ -103,7 +137,10 @@ impl DecisionCounters {
 pub struct Maps {
     pub settings: SettingsMap,
     pub enrolled: EnrolledMap,
-    pub listeners: ListenerMap,
+    pub listeners: ListenerMap<u64>,
+    pub inbound_pods: InboundPodMap,
+    pub inbound_listeners: ListenerMap<u32>,
+    pub deny_cache: DenyCache,
     pub orig_dst: OrigDstMap,
     pub sockets: SocketMap,
     pub decisions: DecisionCounters,
@@ -120,6 +157,9 @@ impl Maps {
             settings: SettingsMap(take("SETTINGS")?.try_into()?),
             enrolled: EnrolledMap(take("ENROLLED")?.try_into()?),
             listeners: ListenerMap(take("LISTENERS")?.try_into()?),
+            inbound_pods: InboundPodMap(take("INBOUND_PODS")?.try_into()?),
+            inbound_listeners: ListenerMap(take("INBOUND_LISTENERS")?.try_into()?),
+            deny_cache: DenyCache(take("DENY_CACHE")?.try_into()?),
             orig_dst: OrigDstMap(take("ORIG_DST")?.try_into()?),
             sockets: SocketMap(take("SOCKETS")?.try_into()?),
             decisions: DecisionCounters(take("DECISIONS")?.try_into()?),

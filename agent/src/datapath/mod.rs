@@ -4,7 +4,8 @@
 //! - `maps-v<LAYOUT_VERSION>/<MAP>`: the maps, versioned by layout;
 //! - `progs/<program>`: the programs;
 //! - `links/<program>`: the cgroup links, which keep the programs attached
-//!   while no agent runs.
+//!   while no agent runs;
+//! - `links/inbound/<netns cookie>`: one sk_lookup link per enrolled pod.
 //!
 //! An agent that finds the links of the same build reuses them as they are,
 //! so program ids and links survive restarts. An agent of another build, or
@@ -19,7 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::programs::{
-    CgroupAttachMode, Program, ProgramError,
+    CgroupAttachMode, Program, ProgramError, SkLookup,
     links::{FdLink, LinkError},
 };
 use aya::{Ebpf, EbpfError, EbpfLoader, maps::MapError, pin::PinError};
@@ -39,6 +40,9 @@ pub const PROGRAMS: [&str; 5] = [
     "restore_peer6",
     "track_connect",
 ];
+
+/// The sk_lookup program, attached to each enrolled pod's namespace.
+pub const INBOUND_PROGRAM: &str = "steer_inbound";
 
 pub const PIN_ROOT: &str = "/sys/fs/bpf/weir";
 
@@ -98,6 +102,10 @@ impl PinDir {
         self.0.join("links").join(name)
     }
 
+    fn inbound_links(&self) -> PathBuf {
+        self.0.join("links").join("inbound")
+    }
+
     /// Map directories of older layouts, left by an earlier agent.
     fn stale_map_dirs(&self) -> Vec<PathBuf> {
         let current = self.maps(LAYOUT_VERSION);
@@ -120,6 +128,7 @@ impl PinDir {
 /// The attached programs of one node and their maps.
 pub struct Datapath {
     pub maps: Maps,
+    pub inbound: InboundHook,
     /// Kept so that the programs stay loaded while the agent runs; the pins
     /// keep them after it exits.
     _ebpf: Ebpf,
@@ -142,7 +151,7 @@ impl Datapath {
     ) -> Result<(Datapath, Start), DatapathError> {
         mount_bpffs()?;
         let maps_dir = pins.maps(LAYOUT_VERSION);
-        for dir in [maps_dir.clone(), pins.0.join("progs"), pins.0.join("links")] {
+        for dir in [maps_dir.clone(), pins.0.join("progs"), pins.inbound_links()] {
             fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
         }
         let mut ebpf = EbpfLoader::new()
@@ -153,7 +162,8 @@ impl Datapath {
         let build = build_id();
         let previous = maps.settings.get()?;
         let stale = pins.stale_map_dirs();
-        let linked = PROGRAMS.iter().all(|name| pins.link(name).exists());
+        let linked = PROGRAMS.iter().all(|name| pins.link(name).exists())
+            && pins.program(INBOUND_PROGRAM).exists();
         let start = if linked && stale.is_empty() && previous.build_id == build {
             Start::Reused
         } else if linked || !stale.is_empty() {
@@ -166,6 +176,7 @@ impl Datapath {
             for name in PROGRAMS {
                 install_program(&mut ebpf, pins, name, &cgroup_file)?;
             }
+            install_inbound_program(&mut ebpf, pins)?;
         }
         for dir in stale {
             fs::remove_dir_all(&dir).map_err(io_err("removing old maps", &dir))?;
@@ -174,8 +185,23 @@ impl Datapath {
             build_id: build,
             ..settings
         })?;
+        let path = pins.program(INBOUND_PROGRAM);
+        let inbound = InboundHook {
+            program: SkLookup::from_pin(&path).map_err(|source| DatapathError::Program {
+                name: INBOUND_PROGRAM,
+                source,
+            })?,
+            dir: pins.inbound_links(),
+        };
         info!(pins = %pins.0.display(), ?start, "datapath ready");
-        Ok((Datapath { maps, _ebpf: ebpf }, start))
+        Ok((
+            Datapath {
+                maps,
+                inbound,
+                _ebpf: ebpf,
+            },
+            start,
+        ))
     }
 }
 
@@ -245,6 +271,75 @@ fn install_program(
             source,
         })?;
     Ok(())
+}
+
+/// Loads and pins the sk_lookup program, and swaps it into every pod link
+/// an earlier agent left.
+fn install_inbound_program(ebpf: &mut Ebpf, pins: &PinDir) -> Result<(), DatapathError> {
+    let name = INBOUND_PROGRAM;
+    let program_err = |source| DatapathError::Program { name, source };
+    let program: &mut SkLookup = ebpf
+        .program_mut(name)
+        .ok_or(ProgramError::UnexpectedProgramType)
+        .and_then(TryInto::try_into)
+        .map_err(program_err)?;
+    program.load().map_err(program_err)?;
+    let fd = program.fd().map_err(program_err)?;
+    for link in pinned_files(&pins.inbound_links()) {
+        link_update::replace_program(&link, fd).map_err(io_err("updating link", &link))?;
+    }
+    let path = pins.program(name);
+    if path.exists() {
+        fs::remove_file(&path).map_err(io_err("unpinning", &path))?;
+    }
+    program
+        .pin(&path)
+        .map_err(|source| DatapathError::Pin { path, source })
+}
+
+fn pinned_files(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// The sk_lookup program and its per-pod links. A link is pinned as
+/// `links/inbound/<netns cookie>`, so that it outlives the agent: while no
+/// agent runs, the pod's inbound fail mode still applies.
+pub struct InboundHook {
+    program: SkLookup,
+    dir: PathBuf,
+}
+
+impl InboundHook {
+    /// Attaches to a pod's namespace, unless an earlier agent already did.
+    pub fn attach(&mut self, netns: &File, netns_cookie: u64) -> Result<(), DatapathError> {
+        let path = self.dir.join(netns_cookie.to_string());
+        if path.exists() {
+            return Ok(());
+        }
+        let name = INBOUND_PROGRAM;
+        let program_err = |source| DatapathError::Program { name, source };
+        let id = self.program.attach(netns).map_err(program_err)?;
+        let link = self.program.take_link(id).map_err(program_err)?;
+        FdLink::from(link)
+            .pin(&path)
+            .map_err(|source| DatapathError::Pin { path, source })?;
+        Ok(())
+    }
+
+    /// Detaches from a pod's namespace.
+    pub fn detach(&self, netns_cookie: u64) {
+        let _ = fs::remove_file(self.dir.join(netns_cookie.to_string()));
+    }
+
+    /// The namespaces with a link, live or left by an earlier agent.
+    pub fn attached(&self) -> Vec<u64> {
+        pinned_files(&self.dir)
+            .iter()
+            .filter_map(|path| path.file_name()?.to_str()?.parse().ok())
+            .collect()
+    }
 }
 
 /// Removes every pin of a node: links (which detaches the programs), programs

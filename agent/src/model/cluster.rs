@@ -13,7 +13,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
 use super::objects::{
-    MESH_ENABLED, MESH_LABEL, Object, SERVICE_NAME_LABEL, excluded_cidrs, excluded_ports,
+    EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION, MESH_ENABLED, MESH_LABEL, Object,
+    SERVICE_NAME_LABEL, excluded_cidrs, excluded_ports,
 };
 
 /// Namespace and name of a pod.
@@ -49,6 +50,11 @@ pub struct Workload {
     pub enrolled: bool,
     /// Destination ports and networks that are never redirected.
     pub excluded_ports: Vec<u16>,
+    /// Local ports whose connections reach the app without the proxy.
+    pub excluded_inbound_ports: Vec<u16>,
+    /// Ports the kubelet probes (liveness, readiness, startup): the node may
+    /// reach them whatever the policy says.
+    pub probe_ports: Vec<u16>,
     pub excluded_cidrs: Vec<ipnet::IpNet>,
     // The names Istio's telemetry gives a pod, so that dashboards built for
     // Istio work unchanged.
@@ -120,7 +126,10 @@ impl Workload {
             ips,
             // Sources reject pods whose annotations do not parse before
             // they get here; this only keeps `build` total.
-            excluded_ports: excluded_ports(metadata).unwrap_or_default(),
+            excluded_ports: excluded_ports(metadata, EXCLUDE_PORTS_ANNOTATION).unwrap_or_default(),
+            excluded_inbound_ports: excluded_ports(metadata, EXCLUDE_INBOUND_PORTS_ANNOTATION)
+                .unwrap_or_default(),
+            probe_ports: probe_ports(pod),
             excluded_cidrs: excluded_cidrs(metadata).unwrap_or_default(),
             canonical_service: first_label(&[
                 "service.istio.io/canonical-name",
@@ -140,6 +149,44 @@ impl Workload {
             labels,
         }
     }
+}
+
+/// The ports of every container's liveness, readiness and startup probes,
+/// named ports resolved against the container's own ports.
+fn probe_ports(pod: &core::Pod) -> Vec<u16> {
+    let containers = pod.spec.iter().flat_map(|spec| &spec.containers);
+    let mut ports: Vec<u16> = containers
+        .flat_map(|container| {
+            let probes = [
+                &container.liveness_probe,
+                &container.readiness_probe,
+                &container.startup_probe,
+            ];
+            probes.into_iter().flatten().filter_map(move |probe| {
+                let port = probe
+                    .http_get
+                    .as_ref()
+                    .map(|http| &http.port)
+                    .or(probe.tcp_socket.as_ref().map(|tcp| &tcp.port));
+                let number = match port {
+                    Some(IntOrString::Int(number)) => *number,
+                    Some(IntOrString::String(name)) => {
+                        container
+                            .ports
+                            .iter()
+                            .flatten()
+                            .find(|p| p.name.as_deref() == Some(name.as_str()))?
+                            .container_port
+                    }
+                    None => probe.grpc.as_ref()?.port,
+                };
+                u16::try_from(number).ok()
+            })
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 fn mesh_label(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {

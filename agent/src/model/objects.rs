@@ -27,6 +27,7 @@ pub const MESH_DISABLED: &str = "disabled";
 /// Pod annotation listing destination ports that are never redirected,
 /// e.g. `"5432, 6379"`.
 pub const EXCLUDE_PORTS_ANNOTATION: &str = "weir.dev/exclude-outbound-ports";
+pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "weir.dev/exclude-inbound-ports";
 /// Pod annotation listing destination CIDRs that are never redirected,
 /// e.g. `"10.0.0.0/8,fd00::/8"`.
 pub const EXCLUDE_CIDRS_ANNOTATION: &str = "weir.dev/exclude-outbound-cidrs";
@@ -365,7 +366,9 @@ fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
 
 fn check_pod(pod: &Pod, problems: &mut Vec<FieldError>) {
     check_mesh_label(&pod.metadata, problems);
-    problems.extend(excluded_ports(&pod.metadata).err());
+    for annotation in [EXCLUDE_PORTS_ANNOTATION, EXCLUDE_INBOUND_PORTS_ANNOTATION] {
+        problems.extend(excluded_ports(&pod.metadata, annotation).err());
+    }
     problems.extend(excluded_cidrs(&pod.metadata).err());
     for (i, container) in pod
         .spec
@@ -463,11 +466,12 @@ fn check_port(field: String, port: i32, problems: &mut Vec<FieldError>) {
     }
 }
 
-/// The ports of the pod's `weir.dev/exclude-outbound-ports` annotation, at
+/// The ports of one of the pod's exclusion annotations
+/// (`weir.dev/exclude-outbound-ports`, `weir.dev/exclude-inbound-ports`), at
 /// most as many as the data path's map entry holds.
-pub fn excluded_ports(metadata: &ObjectMeta) -> Result<Vec<u16>, FieldError> {
-    let field = annotation_field(EXCLUDE_PORTS_ANNOTATION);
-    let ports = annotation_list(metadata, EXCLUDE_PORTS_ANNOTATION)
+pub fn excluded_ports(metadata: &ObjectMeta, annotation: &str) -> Result<Vec<u16>, FieldError> {
+    let field = annotation_field(annotation);
+    let ports = annotation_list(metadata, annotation)
         .map(|item| match item.parse() {
             Ok(port) if port != 0 => Ok(port),
             _ => Err(FieldError::new(
@@ -711,7 +715,10 @@ items:
         );
         let parsed = parse(&text).unwrap();
         let metadata = parsed.objects[0].metadata();
-        assert_eq!(excluded_ports(metadata).unwrap(), [5432, 6379]);
+        assert_eq!(
+            excluded_ports(metadata, EXCLUDE_PORTS_ANNOTATION).unwrap(),
+            [5432, 6379]
+        );
         let cidrs: Vec<String> = excluded_cidrs(metadata)
             .unwrap()
             .iter()

@@ -1,20 +1,32 @@
-//! The node proxy: one outbound listener per enrolled pod, all served by the
-//! agent's tokio runtime.
+//! The node proxy: one outbound and one inbound listener per enrolled pod,
+//! all served by the agent's tokio runtime.
 
 mod copy;
 mod destination;
+pub mod inbound;
 pub mod outbound;
 
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
+use tracing::warn;
 
 use crate::datapath::maps::OrigDstMap;
-use crate::metrics::Metrics;
-use crate::model::Cluster;
+use crate::inpod::SocketFactory;
+use crate::metrics::{Metrics, Peer, Reporter, TcpLabels};
+use crate::model::{Cluster, WorkloadKey};
 
 pub use destination::Balancer;
+use destination::ServiceName;
+
+/// Istio's default connect timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every connection handler shares.
 pub struct ProxyContext {
@@ -26,6 +38,88 @@ pub struct ProxyContext {
     /// direct connection to the listener.
     pub orig_dst_misses: AtomicU64,
     pub connections: Arc<Connections>,
+}
+
+/// One enrolled pod as the proxy sees it.
+pub struct PodProxy {
+    pub key: WorkloadKey,
+    pub factory: SocketFactory,
+}
+
+/// Accepts connections on one of a pod's listeners and hands each to
+/// `handle` on its own task, until the listener's task is aborted.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    pod: Arc<PodProxy>,
+    ctx: Arc<ProxyContext>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<PodProxy>, Arc<ProxyContext>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let guard = ctx.connections.open();
+                let connection = handle(client, peer, pod.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    connection.await;
+                    drop(guard);
+                });
+            }
+            // Running out of descriptors must not end the pod's listener.
+            Err(e) => {
+                warn!(pod = %pod.key, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Connects from the pod's namespace, from `source` when given.
+async fn connect(
+    factory: &SocketFactory,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    let socket = factory.tcp_socket(addr, source).await?;
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Closes with RST rather than FIN, so that the app sees a refusal, not an
+/// empty answer.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// Istio's labels for one connection; what is not known is `unknown`.
+fn labels(
+    reporter: Reporter,
+    cluster: &Cluster,
+    source: Option<&WorkloadKey>,
+    destination: Option<&WorkloadKey>,
+    service: Option<&ServiceName>,
+    response_flags: &'static str,
+) -> TcpLabels {
+    let peer = |key: Option<&WorkloadKey>| {
+        key.and_then(|key| cluster.workload(key))
+            .map_or_else(Peer::unknown, Peer::of)
+    };
+    let unknown = || "unknown".to_owned();
+    TcpLabels {
+        reporter,
+        source: peer(source),
+        destination: peer(destination),
+        destination_service: [
+            service.map_or_else(unknown, |s| s.hostname.clone()),
+            service.map_or_else(unknown, |s| s.name.clone()),
+            service.map_or_else(unknown, |s| s.namespace.clone()),
+        ],
+        response_flags,
+    }
 }
 
 /// Counts live connections, so that a draining agent knows when it is done.

@@ -6,59 +6,33 @@
 //! cookie and the client's port. The upstream socket is made in the same pod
 //! namespace, so the server sees the pod's own IP.
 
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 use weir_common::ConnKey;
 
-use super::ProxyContext;
 use super::copy;
 use super::destination::Target;
-use crate::inpod::SocketFactory;
-use crate::metrics::{Peer, TcpLabels};
+use super::{PodProxy, ProxyContext, connect, labels, reset};
+use crate::metrics::{Reporter, TcpLabels};
 use crate::model::{Cluster, WorkloadKey};
-
-/// Istio's default connect timeout.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The agent's own ports. A connection aimed at one of them would loop back
 /// into the agent, so it is refused: the listeners are no open relay.
 const AGENT_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
 
-/// One enrolled pod as the proxy sees it.
-pub struct PodProxy {
-    pub key: WorkloadKey,
-    pub factory: SocketFactory,
-}
-
-/// Accepts the pod's redirected connections until the listener is dropped
-/// (the task is aborted).
+/// Serves the pod's outbound listener.
 pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, ctx: Arc<ProxyContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                let (pod, ctx) = (pod.clone(), ctx.clone());
-                let guard = ctx.connections.open();
-                tokio::spawn(async move {
-                    handle(client, peer, &pod, &ctx).await;
-                    drop(guard);
-                });
-            }
-            // Running out of descriptors must not end the pod's listener.
-            Err(e) => {
-                warn!(pod = %pod.key, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::serve(listener, pod, ctx, |client, peer, pod, ctx| async move {
+        handle(client, peer, &pod, &ctx).await;
+    })
+    .await;
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
     let key = ConnKey {
         netns_cookie: pod.factory.netns_cookie(),
         port: peer.port(),
@@ -83,20 +57,20 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &Proxy
         Ok(target) => target,
         Err(e) => {
             debug!(pod = %pod.key, %orig, error = %e, "no upstream");
-            let labels = labels(&cluster, &pod.key, None, "UH");
+            let labels = outbound_labels(&cluster, &pod.key, None, "UH");
             let counters = ctx.metrics.tcp(labels);
             counters.opened.fetch_add(1, Relaxed);
             counters.closed.fetch_add(1, Relaxed);
             return reset(client);
         }
     };
-    let mut upstream = match connect(&pod.factory, target.addr).await {
+    let mut upstream = match connect(&pod.factory, target.addr, None).await {
         Ok(upstream) => upstream,
         Err(e) => {
             debug!(pod = %pod.key, upstream = %target.addr, error = %e, "upstream connect failed");
-            let counters = ctx
-                .metrics
-                .tcp(labels(&cluster, &pod.key, Some(&target), "UF"));
+            let counters =
+                ctx.metrics
+                    .tcp(outbound_labels(&cluster, &pod.key, Some(&target), "UF"));
             counters.opened.fetch_add(1, Relaxed);
             counters.closed.fetch_add(1, Relaxed);
             return reset(client);
@@ -104,10 +78,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &Proxy
     };
     let counters = ctx
         .metrics
-        .tcp(labels(&cluster, &pod.key, Some(&target), "-"));
+        .tcp(outbound_labels(&cluster, &pod.key, Some(&target), "-"));
     drop(cluster);
     counters.opened.fetch_add(1, Relaxed);
-    let mut client = client;
     let result = copy::bidirectional(&mut client, &mut upstream, &counters).await;
     counters.closed.fetch_add(1, Relaxed);
     if let Err(e) = result {
@@ -118,41 +91,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &Proxy
     }
 }
 
-async fn connect(factory: &SocketFactory, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = factory.tcp_socket(addr).await?;
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
-}
-
-/// Closes with RST rather than FIN, so that the app sees a refusal, not an
-/// empty answer.
-fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
-}
-
-fn labels(
+fn outbound_labels(
     cluster: &Cluster,
     source: &WorkloadKey,
     target: Option<&Target>,
     flags: &'static str,
 ) -> TcpLabels {
-    let peer = |key: Option<&WorkloadKey>| {
-        key.and_then(|key| cluster.workload(key))
-            .map_or_else(Peer::unknown, Peer::of)
-    };
-    let service = target.and_then(|t| t.service.as_ref());
-    let unknown = || "unknown".to_owned();
-    TcpLabels {
-        reporter: "source",
-        source: peer(Some(source)),
-        destination: peer(target.and_then(|t| t.workload.as_ref())),
-        destination_service: [
-            service.map_or_else(unknown, |s| s.hostname.clone()),
-            service.map_or_else(unknown, |s| s.name.clone()),
-            service.map_or_else(unknown, |s| s.namespace.clone()),
-        ],
-        response_flags: flags,
-    }
+    labels(
+        Reporter::Source,
+        cluster,
+        Some(source),
+        target.and_then(|t| t.workload.as_ref()),
+        target.and_then(|t| t.service.as_ref()),
+        flags,
+    )
 }

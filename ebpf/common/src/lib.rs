@@ -6,10 +6,15 @@
 #![no_std]
 
 /// Version of the pinned map layout. Maps live under `maps-v<N>/`.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The outbound listener every enrolled pod gets, on 127.0.0.1.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// The inbound listener every enrolled pod gets, on 127.0.0.1.
+pub const INBOUND_PORT: u16 = 15006;
+/// The source address the inbound proxy delivers from; sk_lookup lets it
+/// through to the app, as Istio's sidecar does.
+pub const INBOUND_DELIVERY_IP: [u8; 4] = [127, 0, 0, 6];
 
 /// Most ports and CIDRs a pod can exclude from redirection.
 pub const MAX_EXCLUDED_PORTS: usize = 16;
@@ -20,6 +25,32 @@ pub const MAX_EXCLUDED_CIDRS: usize = 8;
 /// socket for getpeername(); LRU eviction beyond that is counted.
 pub const ORIG_DST_ENTRIES: u32 = 262_144;
 pub const MAX_ENROLLED_PODS: u32 = 4096;
+/// Cached denials: (pod, destination) pairs that connect() refuses at once.
+pub const DENY_CACHE_ENTRIES: u32 = 65_536;
+
+/// Which way a connection goes, relative to the enrolled pod.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound = 0,
+    Inbound = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+
+    /// The slot of `decision` in this direction's half of `DECISIONS`.
+    pub const fn slot(self, decision: Decision) -> u32 {
+        self as u32 * Decision::COUNT + decision as u32
+    }
+}
 
 /// What connect4/6 decided, as an index into the `DECISIONS` per-CPU array.
 #[repr(u32)]
@@ -76,6 +107,9 @@ pub struct Settings {
     /// Identifies the agent build that installed the programs; a restart of
     /// the same build reuses them.
     pub build_id: u64,
+    /// Bumped by the agent on every policy or pod change; a cached denial
+    /// from an older generation no longer counts.
+    pub policy_generation: u64,
     pub fail_mode: u32,
     pub _pad: u32,
 }
@@ -97,6 +131,29 @@ pub struct PodConfig {
     pub excluded_cidrs: [Cidr4; MAX_EXCLUDED_CIDRS],
     pub n_excluded_ports: u32,
     pub n_excluded_cidrs: u32,
+}
+
+/// An enrolled pod's inbound settings, keyed by its IPv4 address (network
+/// order): the address is what sk_lookup sees.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundConfig {
+    /// Local ports (host order) the app receives directly.
+    pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+    pub n_excluded_ports: u32,
+    pub _pad: u32,
+}
+
+/// Key of `DENY_CACHE`: a pod (by netns cookie) and a destination it may
+/// not reach. The value is the policy generation the denial was made in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenyKey {
+    pub netns_cookie: u64,
+    /// Network byte order, as connect4 sees them.
+    pub ip4: u32,
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// The destination the app passed to connect(), IPv4 in network order.
@@ -129,4 +186,6 @@ mod user {
     unsafe impl aya::Pod for super::PodConfig {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::InboundConfig {}
+    unsafe impl aya::Pod for super::DenyKey {}
 }

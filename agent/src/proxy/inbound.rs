@@ -1,0 +1,68 @@
+//! Inbound: connections to an enrolled pod, handed by sk_lookup to the pod's
+//! listener on 127.0.0.1:15006.
+//!
+//! The accepted socket's local address is the original destination. The
+//! proxy delivers the connection to the app from a socket bound to
+//! 127.0.0.6, which sk_lookup lets through, as Istio's sidecar does; the app
+//! therefore sees 127.0.0.6 as its peer.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+use weir_common::INBOUND_DELIVERY_IP;
+
+use super::destination::ServiceName;
+use super::{PodProxy, ProxyContext, connect, copy, labels, reset};
+use crate::metrics::Reporter;
+
+/// Serves the pod's inbound listener.
+pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, ctx: Arc<ProxyContext>) {
+    super::serve(listener, pod, ctx, |client, peer, pod, ctx| async move {
+        handle(client, peer, &pod, &ctx).await;
+    })
+    .await;
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
+    let Ok(orig) = client.local_addr() else {
+        return reset(client);
+    };
+    let cluster = ctx.cluster.borrow().clone();
+    // Plaintext mode: the source is whoever holds the source address.
+    let source = cluster.workload_by_ip(peer.ip()).map(|w| w.key());
+    let service = ServiceName::with_endpoint(&cluster, orig);
+    let series = |flags| {
+        ctx.metrics.tcp(labels(
+            Reporter::Destination,
+            &cluster,
+            source.as_ref(),
+            Some(&pod.key),
+            service.as_ref(),
+            flags,
+        ))
+    };
+    let delivery = IpAddr::from(INBOUND_DELIVERY_IP);
+    let mut app = match connect(&pod.factory, orig, Some(delivery)).await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(pod = %pod.key, %orig, error = %e, "delivery to the app failed");
+            let counters = series("UF");
+            counters.opened.fetch_add(1, Relaxed);
+            counters.closed.fetch_add(1, Relaxed);
+            return reset(client);
+        }
+    };
+    let counters = series("-");
+    drop(cluster);
+    counters.opened.fetch_add(1, Relaxed);
+    let result = copy::bidirectional(&mut client, &mut app, &counters).await;
+    counters.closed.fetch_add(1, Relaxed);
+    if let Err(e) = result {
+        debug!(pod = %pod.key, %orig, error = %e, "connection aborted");
+        reset(client);
+        reset(app);
+    }
+}
