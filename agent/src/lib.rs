@@ -7,6 +7,7 @@
 //! - `enrollment`: which pods are redirected, kept in step with `model`;
 //! - `inpod`: per-pod socket factories inside each pod's namespace;
 //! - `proxy`: the outbound listener, destination choice and byte copying;
+//! - `policy`: Istio's AuthorizationPolicy, decided per connection;
 //! - `metrics` and `admin`: what the agent reports.
 
 pub mod admin;
@@ -17,5 +18,6 @@ pub mod inpod;
 pub mod metrics;
 pub mod model;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod run;

@@ -155,7 +155,9 @@ fn denied(netns_cookie: u64, ip4: u32, port: u16) -> bool {
     let Some(generation) = (unsafe { DENY_CACHE.get(key).copied() }) else {
         return false;
     };
-    SETTINGS.get(0).is_some_and(|s| s.policy_generation == generation)
+    SETTINGS
+        .get(0)
+        .is_some_and(|s| s.policy_generation == generation)
 }
 
 enum Verdict {
@@ -354,7 +356,13 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     // SAFETY: fields of the kernel's bpf_sk_lookup, copied to the stack.
     let (family, protocol, local_ip4, remote_ip4, local_port) = unsafe {
         let l = &*ctx.lookup;
-        (l.family, l.protocol, l.local_ip4, l.remote_ip4, l.local_port)
+        (
+            l.family,
+            l.protocol,
+            l.local_ip4,
+            l.remote_ip4,
+            l.local_port,
+        )
     };
     // Loopback inside the pod, and the proxy's own delivery from
     // 127.0.0.6, go to the app as they are.
@@ -379,7 +387,10 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
             return SK_PASS;
         }
     }
-    if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local_ip4, 0).is_ok() {
+    if INBOUND_LISTENERS
+        .redirect_sk_lookup(&ctx, local_ip4, 0)
+        .is_ok()
+    {
         count_in(Direction::Inbound, Decision::Redirected);
         return SK_PASS;
     }

@@ -16,6 +16,7 @@ use super::objects::{
     EXCLUDE_INBOUND_PORTS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION, MESH_ENABLED, MESH_LABEL, Object,
     SERVICE_NAME_LABEL, excluded_cidrs, excluded_ports,
 };
+use crate::policy::AuthorizationPolicy;
 
 /// Namespace and name of a pod.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -323,16 +324,19 @@ pub struct Endpoint {
     pub ready: bool,
 }
 
-/// A snapshot of the cluster: every pod and every Service.
+/// A snapshot of the cluster: every pod, every Service and every
+/// authorization policy.
 ///
 /// Serializes (for the admin `/config_dump`) as its workloads, enrolled or
-/// not, and its services; the lookup indexes are left out.
+/// not, its services and its policies; the lookup indexes are left out.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Cluster {
     /// Sorted by namespace and name.
     workloads: Vec<Workload>,
     /// Sorted by namespace and name.
     services: Vec<Service>,
+    /// Sorted by namespace and name.
+    policies: Vec<AuthorizationPolicy>,
     /// Index into `workloads`, for pods that own their IPs (not hostNetwork).
     #[serde(skip)]
     workload_by_ip: HashMap<IpAddr, usize>,
@@ -348,10 +352,12 @@ impl Cluster {
     /// pod has none on its Namespace, is `enabled`; hostNetwork pods and pods
     /// without an IP never are. Pods that have finished (phase Succeeded or
     /// Failed) are left out, as their IPs may already belong to other pods.
+    /// So are AuthorizationPolicies that apply to no workload.
     pub fn build<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Self {
         let mut namespace_labels = HashMap::new();
         let mut pods = BTreeMap::new();
         let mut services = BTreeMap::new();
+        let mut policies: Vec<AuthorizationPolicy> = Vec::new();
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for object in objects {
             let metadata = object.metadata();
@@ -378,8 +384,14 @@ impl Cluster {
                             .push(slice);
                     }
                 }
+                Object::AuthorizationPolicy(policy) => {
+                    // Sources reject invalid policies before they get here.
+                    let translation = policy.translate().ok();
+                    policies.extend(translation.and_then(|translation| translation.policy));
+                }
             }
         }
+        policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
         let pods: Vec<(&core::Pod, Workload)> = pods
             .into_iter()
@@ -423,6 +435,7 @@ impl Cluster {
         Self {
             workloads,
             services,
+            policies,
             workload_by_ip,
             service_by_addr,
         }
@@ -461,6 +474,30 @@ impl Cluster {
     /// Every Service, sorted by namespace and name.
     pub fn services(&self) -> &[Service] {
         &self.services
+    }
+
+    /// Every AuthorizationPolicy that applies to workloads, sorted by
+    /// namespace and name.
+    pub fn policies(&self) -> &[AuthorizationPolicy] {
+        &self.policies
+    }
+
+    /// The AuthorizationPolicies that apply to `workload`, as Istio selects
+    /// them: those of the workload's namespace, and those of
+    /// `root_namespace`, which reach every namespace; of these, the ones
+    /// whose selector matches the workload's labels, or that have none.
+    pub fn policies_for(
+        &self,
+        workload: &Workload,
+        root_namespace: &str,
+    ) -> Vec<&AuthorizationPolicy> {
+        self.policies
+            .iter()
+            .filter(|policy| {
+                (policy.namespace == workload.namespace || policy.namespace == root_namespace)
+                    && policy.selects(&workload.labels)
+            })
+            .collect()
     }
 
     /// The Service and TCP port that a connection to `ip:port` is for, when
@@ -892,6 +929,83 @@ status: {podIP: 10.244.64.15}
         assert_eq!(cluster.services().len(), 4);
     }
 
+    const POLICIES: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: foo, labels: {app: reviews}}
+spec: {containers: [{name: reviews}]}
+status: {podIP: 10.244.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ratings-v1, namespace: bar, labels: {app: ratings}}
+spec: {containers: [{name: ratings}]}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: namespace-wide, namespace: foo}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: for-reviews, namespace: foo}
+spec: {selector: {matchLabels: {app: reviews}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: for-ratings, namespace: foo}
+spec: {selector: {matchLabels: {app: ratings}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-wide, namespace: istio-system}
+spec: {action: DENY, rules: [{from: [{source: {notIpBlocks: [10.244.0.0/16]}}]}]}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: all-ratings, namespace: istio-system}
+spec: {selector: {matchLabels: {app: ratings}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint, namespace: bar}
+spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]}
+";
+
+    #[test]
+    fn policies_for_follow_istio_selection() {
+        let cluster = cluster(POLICIES);
+        let policies_of = |ip_text: &str, root: &str| -> Vec<String> {
+            let workload = cluster.workload_by_ip(ip(ip_text)).unwrap();
+            let policies = cluster.policies_for(workload, root);
+            policies.iter().map(|policy| policy.key()).collect()
+        };
+        // The namespace's own policies, and the root namespace's, by selector.
+        assert_eq!(
+            policies_of("10.244.1.1", "istio-system"),
+            [
+                "foo/for-reviews",
+                "foo/namespace-wide",
+                "istio-system/mesh-wide"
+            ]
+        );
+        assert_eq!(
+            policies_of("10.244.1.2", "istio-system"),
+            ["istio-system/all-ratings", "istio-system/mesh-wide"]
+        );
+        // In any other namespace those are ordinary policies.
+        assert_eq!(policies_of("10.244.1.2", "mesh-root"), Vec::<String>::new());
+        // A policy attached to a waypoint applies to no workload at all.
+        assert!(
+            cluster
+                .policies()
+                .iter()
+                .all(|policy| policy.name != "waypoint")
+        );
+        assert_eq!(cluster.policies().len(), 5);
+    }
+
     #[test]
     fn serializes_for_config_dump() {
         let dump = serde_json::to_value(bookinfo()).unwrap();
@@ -899,5 +1013,20 @@ status: {podIP: 10.244.64.15}
         assert_eq!(dump["services"][0]["name"], "details");
         assert_eq!(dump["services"][0]["cluster_ips"][0], "10.96.0.11");
         assert!(dump.get("workload_by_ip").is_none());
+
+        let dump = serde_json::to_value(cluster(POLICIES)).unwrap();
+        let mesh_wide = &dump["policies"][4];
+        assert_eq!(
+            (
+                &mesh_wide["namespace"],
+                &mesh_wide["name"],
+                &mesh_wide["action"]
+            ),
+            (&"istio-system".into(), &"mesh-wide".into(), &"DENY".into())
+        );
+        assert_eq!(
+            mesh_wide["rules"][0]["from"][0],
+            serde_json::json!({"source_ips": {"not_values": ["10.244.0.0/16"]}})
+        );
     }
 }

@@ -55,6 +55,7 @@ impl LoadReport {
             tracing::warn!(
                 file = %warning.file.display(),
                 object = %warning.object,
+                field = %warning.field,
                 "{}",
                 warning.message,
             );
@@ -85,6 +86,7 @@ impl ManifestDir {
                     report.warnings.push(ManifestWarning {
                         file: self.path.clone(),
                         object: String::new(),
+                        field: String::new(),
                         message: "no *.yaml, *.yml or *.json files".to_owned(),
                     });
                 }

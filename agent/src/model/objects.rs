@@ -1,5 +1,6 @@
 //! Kubernetes objects as weir reads them: YAML or JSON documents decoded into
-//! k8s-openapi types, plus the checks that serde alone does not make.
+//! k8s-openapi types (and, for Istio's AuthorizationPolicy, weir's mirror of
+//! Istio's type), plus the checks that serde alone does not make.
 //!
 //! Decoding yields the same types a Kubernetes API watch does, and
 //! [`Object::check`] does not care where an object came from, so both sources
@@ -18,6 +19,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 use weir_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
+
+use crate::policy::istio;
 
 /// Label that enrolls a pod, or every pod of a namespace: [`MESH_ENABLED`] or
 /// [`MESH_DISABLED`].
@@ -41,6 +44,8 @@ pub enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(EndpointSlice),
+    /// `security.istio.io/v1` or `v1beta1`.
+    AuthorizationPolicy(Box<istio::AuthorizationPolicy>),
 }
 
 /// Kind, namespace and name: what identifies an object in a cluster.
@@ -62,7 +67,8 @@ impl fmt::Display for ObjectKey {
     }
 }
 
-/// What is wrong with one field of an object, wherever the object came from.
+/// What is wrong with one field of an object, wherever the object came from;
+/// as a warning, what weir does differently from what the field says.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct FieldError {
@@ -72,7 +78,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             message: message.into(),
@@ -103,18 +109,21 @@ impl fmt::Display for ManifestError {
 
 impl std::error::Error for ManifestError {}
 
-/// Something in a manifest file that weir ignores, such as a kind it does not
-/// support yet. `object` is empty when it concerns the whole file.
+/// Something in a manifest file that weir ignores or handles differently
+/// from Kubernetes or Istio, such as a kind it does not support yet, or the
+/// L7 rules of an AuthorizationPolicy. `object` is empty when it concerns the
+/// whole file, `field` when it concerns the whole object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestWarning {
     pub file: PathBuf,
     pub object: String,
+    pub field: String,
     pub message: String,
 }
 
 impl fmt::Display for ManifestWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_located(f, &self.file, &[&self.object, &self.message])
+        write_located(f, &self.file, &[&self.object, &self.field, &self.message])
     }
 }
 
@@ -203,6 +212,9 @@ impl FileParser<'_> {
             Ok(Some(object)) => {
                 let problems = object.check();
                 if problems.is_empty() {
+                    for warning in object.warnings() {
+                        self.warning(label.clone(), warning);
+                    }
                     self.parsed.objects.push(object);
                 }
                 for problem in problems {
@@ -212,6 +224,7 @@ impl FileParser<'_> {
             Ok(None) => self.parsed.warnings.push(ManifestWarning {
                 file: self.file.to_owned(),
                 object: label,
+                field: String::new(),
                 message: format!(
                     "kind {} ({}) is not supported yet, ignored",
                     header.kind, header.api_version
@@ -243,6 +256,15 @@ impl FileParser<'_> {
             object,
             field: error.field,
             message: error.message,
+        });
+    }
+
+    fn warning(&mut self, object: String, warning: FieldError) {
+        self.parsed.warnings.push(ManifestWarning {
+            file: self.file.to_owned(),
+            object,
+            field: warning.field,
+            message: warning.message,
         });
     }
 }
@@ -296,6 +318,9 @@ impl Object {
             ("v1", "Pod") => Object::Pod(from_value(value)?),
             ("v1", "Service") => Object::Service(from_value(value)?),
             ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(from_value(value)?),
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+                Object::AuthorizationPolicy(from_value(value)?)
+            }
             _ => return Ok(None),
         };
         if !matches!(object, Object::Namespace(_)) {
@@ -314,6 +339,7 @@ impl Object {
             Object::Pod(_) => "Pod",
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 
@@ -323,6 +349,7 @@ impl Object {
             Object::Pod(pod) => &pod.metadata,
             Object::Service(service) => &service.metadata,
             Object::EndpointSlice(slice) => &slice.metadata,
+            Object::AuthorizationPolicy(policy) => &policy.metadata,
         }
     }
 
@@ -332,6 +359,7 @@ impl Object {
             Object::Pod(pod) => &mut pod.metadata,
             Object::Service(service) => &mut service.metadata,
             Object::EndpointSlice(slice) => &mut slice.metadata,
+            Object::AuthorizationPolicy(policy) => &mut policy.metadata,
         }
     }
 
@@ -344,8 +372,9 @@ impl Object {
         }
     }
 
-    /// The checks beyond the types: addresses, ports, and weir's own labels
-    /// and annotations. Empty when the object is usable.
+    /// The checks beyond the types: addresses, ports, weir's own labels and
+    /// annotations, and what istiod checks of a policy. Empty when the object
+    /// is usable.
     pub fn check(&self) -> Vec<FieldError> {
         let mut problems = Vec::new();
         match self {
@@ -353,8 +382,23 @@ impl Object {
             Object::Pod(pod) => check_pod(pod, &mut problems),
             Object::Service(service) => check_service(service, &mut problems),
             Object::EndpointSlice(slice) => check_endpoint_slice(slice, &mut problems),
+            Object::AuthorizationPolicy(policy) => {
+                problems.extend(policy.translate().err().into_iter().flatten());
+            }
         }
         problems
+    }
+
+    /// What weir enforces differently from what a usable object says, such
+    /// as the L7 rules of an AuthorizationPolicy.
+    pub fn warnings(&self) -> Vec<FieldError> {
+        match self {
+            Object::AuthorizationPolicy(policy) => policy
+                .translate()
+                .map(|translation| translation.warnings)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -749,9 +793,9 @@ items:
         let text = format!(
             "{POD}---
 apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: allow-reviews, namespace: default}}
-spec: {{action: ALLOW}}
+kind: PeerAuthentication
+metadata: {{name: default, namespace: istio-system}}
+spec: {{mtls: {{mode: STRICT}}}}
 "
         );
         let parsed = parse(&text).unwrap();
@@ -762,8 +806,103 @@ spec: {{action: ALLOW}}
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
-            ["test.yaml: AuthorizationPolicy default/allow-reviews: \
-              kind AuthorizationPolicy (security.istio.io/v1) is not supported yet, ignored"]
+            ["test.yaml: PeerAuthentication istio-system/default: \
+              kind PeerAuthentication (security.istio.io/v1) is not supported yet, ignored"]
+        );
+    }
+
+    const POLICY: &str = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-foo, namespace: bar}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules:
+  - from: [{source: {namespaces: [foo], ipBlocks: [10.244.0.0/16]}}]
+    to: [{operation: {ports: [\"9080\"]}}]
+";
+
+    #[test]
+    fn parses_authorization_policies_of_both_versions() {
+        let beta = POLICY
+            .replace("security.istio.io/v1", "security.istio.io/v1beta1")
+            .replace(", namespace: bar", "");
+        let text = format!("{POLICY}---{beta}");
+        let parsed = parse(&text).unwrap();
+        let keys: Vec<String> = parsed.objects.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "AuthorizationPolicy bar/allow-foo",
+                "AuthorizationPolicy default/allow-foo"
+            ]
+        );
+        assert_eq!(parsed.warnings, []);
+        // As `kubectl get -o yaml` gives it, with istiod's status.
+        let status =
+            format!("{POLICY}status: {{validationMessages: [{{type: {{code: IST0001}}}}]}}\n");
+        assert!(parse(&status).is_ok());
+    }
+
+    #[test]
+    fn policy_errors_name_the_field() {
+        let bad_cidr = POLICY.replace("10.244.0.0/16", "10.244.0.0/16, 10.244.0.0/40");
+        assert_eq!(
+            only_error(&bad_cidr).to_string(),
+            "test.yaml: AuthorizationPolicy bar/allow-foo: spec.rules[0].from[0].source.ipBlocks[1]: \
+             \"10.244.0.0/40\" is not an IP address or a CIDR"
+        );
+
+        // Fields that weir does not know are reported, never ignored.
+        let unknown = POLICY.replace("namespaces: [foo]", "serviceAccounts: [foo/sleep]");
+        let error = only_error(&unknown);
+        assert_eq!(error.field, "spec.rules[0].from[0].source.serviceAccounts");
+        assert!(
+            error.message.starts_with("unknown field `serviceAccounts`"),
+            "{error}"
+        );
+
+        // Kubernetes would reject a number where Istio's schema has a string.
+        let number = POLICY.replace("[\"9080\"]", "[9080]");
+        let error = only_error(&number);
+        assert_eq!(error.field, "spec.rules[0].to[0].operation.ports[0]");
+        assert!(error.message.contains("invalid type"), "{error}");
+
+        let custom = POLICY.replace("spec:\n", "spec:\n  action: CUSTOM\n");
+        assert_eq!(
+            only_error(&custom).to_string(),
+            "test.yaml: AuthorizationPolicy bar/allow-foo: spec.action: \
+             CUSTOM (external authorization) is not supported"
+        );
+
+        let when = POLICY.replace(
+            "    to:",
+            "    when: [{key: source.ip, values: [10.0.0.1]}, {key: request.size, values: [\"1\"]}]\n    to:",
+        );
+        let error = only_error(&when);
+        assert_eq!(
+            (error.field.as_str(), error.message.as_str()),
+            (
+                "spec.rules[0].when[1].key",
+                "\"request.size\" is not a key that Istio knows"
+            )
+        );
+    }
+
+    #[test]
+    fn l7_policy_fields_are_warnings() {
+        let text = POLICY.replace("ports: [\"9080\"]", "ports: [\"9080\"], methods: [GET]");
+        let parsed = parse(&text).unwrap();
+        assert_eq!(parsed.objects.len(), 1, "the policy is used");
+        let [warning] = parsed.warnings.as_slice() else {
+            panic!("{:?}", parsed.warnings)
+        };
+        assert_eq!(warning.object, "AuthorizationPolicy bar/allow-foo");
+        assert_eq!(warning.field, "spec.rules[0].to[0].operation.methods");
+        assert_eq!(
+            warning.message,
+            "methods is an L7 attribute, which weir cannot check: \
+             as in Istio's ztunnel, this ALLOW rule never matches (allows less than written)"
         );
     }
 
