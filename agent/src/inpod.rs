@@ -145,7 +145,7 @@ impl NetnsFinder {
 }
 
 /// The addresses of the calling thread's network namespace.
-fn addresses() -> io::Result<Vec<IpAddr>> {
+pub fn addresses() -> io::Result<Vec<IpAddr>> {
     Ok(nix::ifaddrs::getifaddrs()?
         .filter_map(|ifa| ifa.address)
         .filter_map(

@@ -28,7 +28,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check manifests offline with the same rules the agent applies.
     Validate {
         /// A manifest file or a directory of them.
@@ -64,6 +64,12 @@ struct RunArgs {
     health_addr: SocketAddr,
     #[arg(long, env = "WEIR_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// AuthorizationPolicies in this namespace apply to the whole mesh.
+    #[arg(long, env = "WEIR_ROOT_NAMESPACE", default_value = "istio-system")]
+    root_namespace: String,
+    /// Trust domain of principals (`<domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
     /// Seconds to let live connections finish after SIGTERM.
     #[arg(long, env = "WEIR_DRAIN_SECONDS", default_value_t = 5)]
     drain_seconds: u64,
@@ -73,7 +79,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Validate { path } => return validate(&path),
         Command::Uninstall { node } => uninstall(&node),
     };
@@ -97,6 +103,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         health_addr: args.health_addr,
         admin_addr: args.admin_addr,
         drain: Duration::from_secs(args.drain_seconds),
+        root_namespace: args.root_namespace,
+        trust_domain: args.trust_domain,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

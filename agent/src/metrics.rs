@@ -146,6 +146,10 @@ pub struct DatapathStats {
     /// (map name, entries, capacity)
     pub maps: Vec<(&'static str, usize, u32)>,
     pub enrolled_pods: usize,
+    /// (direction, policy, count) of policy denials.
+    pub policy_denials: Vec<(&'static str, String, u64)>,
+    /// Objects or files the manifest source rejected, over all loads.
+    pub config_rejected: u64,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +255,23 @@ impl Metrics {
             "gauge",
         );
         let _ = writeln!(out, "weir_enrolled_pods {}", stats.enrolled_pods);
+        header(
+            &mut out,
+            "weir_policy_denied_total",
+            "Connections denied by AuthorizationPolicy, by policy (none: no ALLOW policy matched).",
+            "counter",
+        );
+        for (direction, policy, count) in &stats.policy_denials {
+            let labels = format_labels(&[("direction", direction), ("policy", policy)]);
+            let _ = writeln!(out, "weir_policy_denied_total{labels} {count}");
+        }
+        header(
+            &mut out,
+            "weir_config_rejected_total",
+            "Manifest objects or files rejected; the last good version stays in force.",
+            "counter",
+        );
+        let _ = writeln!(out, "weir_config_rejected_total {}", stats.config_rejected);
         out
     }
 }

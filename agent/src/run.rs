@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +10,8 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 use weir_common::{
-    Decision, Direction, FAIL_CLOSED, FAIL_OPEN, MAX_ENROLLED_PODS, ORIG_DST_ENTRIES, Settings,
+    DENY_CACHE_ENTRIES, Decision, Direction, FAIL_CLOSED, FAIL_OPEN, MAX_ENROLLED_PODS,
+    ORIG_DST_ENTRIES, Settings,
 };
 
 use crate::admin::{self, AgentView, Endpoint};
@@ -18,10 +19,10 @@ use crate::cgroup;
 use crate::datapath::maps::{DecisionCounters, SocketMap};
 use crate::datapath::{Datapath, PinDir};
 use crate::enrollment::{EnrolledPod, Enrollment, PodMaps};
-use crate::inpod::NetnsFinder;
+use crate::inpod::{self, NetnsFinder};
 use crate::metrics::{DatapathStats, Metrics};
-use crate::model::{self, Cluster};
-use crate::proxy::{Balancer, Connections, ProxyContext};
+use crate::model::{self, Cluster, ManifestWatch};
+use crate::proxy::{Authorizer, Balancer, Connections, ProxyContext};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailMode {
@@ -42,6 +43,9 @@ pub struct RunConfig {
     pub health_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub drain: Duration,
+    /// AuthorizationPolicies here apply mesh-wide.
+    pub root_namespace: String,
+    pub trust_domain: String,
 }
 
 /// How often pods that wait for their namespace are looked for again.
@@ -69,7 +73,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let manifests = model::watch(config.manifests.clone())
         .with_context(|| format!("loading manifests from {}", config.manifests.display()))?;
     let mut clusters = manifests.subscribe();
-    let maps = datapath.maps;
+    let mut maps = datapath.maps;
+    let node_ips = inpod::addresses().context("reading this node's addresses")?;
     let ctx = Arc::new(ProxyContext {
         cluster: clusters.clone(),
         orig_dst: Mutex::new(maps.orig_dst),
@@ -77,6 +82,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         balancer: Balancer::default(),
         orig_dst_misses: Default::default(),
         connections: Arc::new(Connections::default()),
+        authorizer: Authorizer::new(
+            config.root_namespace.clone(),
+            config.trust_domain.clone(),
+            node_ips,
+        ),
+        deny_cache: Mutex::new(maps.deny_cache),
+        generation: AtomicU64::new(0),
     });
     let pod_maps = Arc::new(Mutex::new(PodMaps {
         enrolled: maps.enrolled,
@@ -99,6 +111,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         sockets: maps.sockets,
         decisions: maps.decisions,
         ready: AtomicBool::new(false),
+        manifests,
     });
     for (endpoint, addr) in [
         (Endpoint::Metrics, config.metrics_addr),
@@ -121,6 +134,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut retry = tokio::time::interval(RETRY);
     loop {
         let cluster = clusters.borrow_and_update().clone();
+        // Any change of the model may change a policy verdict: cached
+        // denials of older generations no longer count, in the kernel first.
+        let mut settings = maps.settings.get()?;
+        settings.policy_generation += 1;
+        maps.settings.set(settings)?;
+        ctx.generation.store(settings.policy_generation, Relaxed);
         let waiting = enrollment.reconcile(&cluster).await;
         ctx.metrics.retain_known(&cluster);
         if !agent.ready.swap(true, Relaxed) {
@@ -166,6 +185,7 @@ struct Agent {
     sockets: SocketMap,
     decisions: DecisionCounters,
     ready: AtomicBool,
+    manifests: ManifestWatch,
 }
 
 impl Agent {
@@ -206,7 +226,14 @@ impl Agent {
                 ("INBOUND_LISTENERS", inbound_listeners, MAX_ENROLLED_PODS),
                 ("ORIG_DST", orig_dst, ORIG_DST_ENTRIES),
                 ("SOCKETS", self.sockets.entries(), ORIG_DST_ENTRIES),
+                (
+                    "DENY_CACHE",
+                    self.ctx.deny_cache.lock().unwrap().entries(),
+                    DENY_CACHE_ENTRIES,
+                ),
             ],
+            policy_denials: self.ctx.authorizer.denials(),
+            config_rejected: self.manifests.rejected(),
             enrolled_pods: self.enrolled.lock().unwrap().len(),
         }
     }

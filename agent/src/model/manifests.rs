@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -207,6 +208,7 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct ManifestWatch {
     snapshots: watch::Receiver<Arc<Cluster>>,
+    rejected: Arc<AtomicU64>,
     // Dropping the watcher drops its event sender, which ends the reload
     // thread: that thread lives exactly as long as this handle.
     _watcher: RecommendedWatcher,
@@ -222,6 +224,11 @@ impl ManifestWatch {
     /// The latest snapshot.
     pub fn current(&self) -> Arc<Cluster> {
         self.snapshots.borrow().clone()
+    }
+
+    /// How many times an object or file was rejected, over all loads.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
     }
 }
 
@@ -262,12 +269,15 @@ pub fn watch(path: PathBuf) -> anyhow::Result<ManifestWatch> {
     let mut source = ManifestDir::new(path);
     let (cluster, report) = source.reload();
     report.log();
+    let rejected = Arc::new(AtomicU64::new(report.errors.len() as u64));
     let (snapshot_tx, snapshots) = watch::channel(Arc::new(cluster));
+    let counter = rejected.clone();
     thread::Builder::new()
         .name("weir-manifests".to_owned())
-        .spawn(move || reload_on_change(source, &event_rx, &snapshot_tx))?;
+        .spawn(move || reload_on_change(source, &event_rx, &snapshot_tx, &counter))?;
     Ok(ManifestWatch {
         snapshots,
+        rejected,
         _watcher: watcher,
     })
 }
@@ -286,11 +296,13 @@ fn reload_on_change(
     mut source: ManifestDir,
     events: &mpsc::Receiver<()>,
     snapshots: &watch::Sender<Arc<Cluster>>,
+    rejected: &AtomicU64,
 ) {
     while events.recv().is_ok() {
         wait_for_quiet(events);
         let (cluster, report) = source.reload();
         report.log();
+        rejected.fetch_add(report.errors.len() as u64, Ordering::Relaxed);
         // Receivers only wake up when the cluster really changed.
         snapshots.send_if_modified(|current| {
             let changed = **current != cluster;

@@ -5,7 +5,12 @@
 //! proxy delivers the connection to the app from a socket bound to
 //! 127.0.0.6, which sk_lookup lets through, as Istio's sidecar does; the app
 //! therefore sees 127.0.0.6 as its peer.
+//!
+//! Here the pod's AuthorizationPolicies are authoritative. A connection they
+//! deny is reset before the app sees it, and a live connection that a policy
+//! change denies is closed, as ztunnel does.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -31,6 +36,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         return reset(client);
     };
     let cluster = ctx.cluster.borrow().clone();
+    let Some(workload) = cluster.workload(&pod.key) else {
+        return reset(client);
+    };
     // Plaintext mode: the source is whoever holds the source address.
     let source = cluster.workload_by_ip(peer.ip()).map(|w| w.key());
     let service = ServiceName::with_endpoint(&cluster, orig);
@@ -44,6 +52,17 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
             flags,
         ))
     };
+    if !ctx.authorizer.is_probe(peer.ip(), workload, orig.port()) {
+        let verdict = ctx.authorizer.check(&cluster, peer.ip(), workload, orig);
+        ctx.authorizer
+            .record("inbound", &verdict, peer.ip(), workload, orig);
+        if !verdict.allowed {
+            let counters = series("DENY");
+            counters.opened.fetch_add(1, Relaxed);
+            counters.closed.fetch_add(1, Relaxed);
+            return reset(client);
+        }
+    }
     let delivery = IpAddr::from(INBOUND_DELIVERY_IP);
     let mut app = match connect(&pod.factory, orig, Some(delivery)).await {
         Ok(app) => app,
@@ -58,11 +77,44 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
     let counters = series("-");
     drop(cluster);
     counters.opened.fetch_add(1, Relaxed);
-    let result = copy::bidirectional(&mut client, &mut app, &counters).await;
+    let outcome = tokio::select! {
+        copied = copy::bidirectional(&mut client, &mut app, &counters) => copied,
+        () = revoked(ctx, peer.ip(), pod, orig) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a policy change denies the connection",
+        )),
+    };
     counters.closed.fetch_add(1, Relaxed);
-    if let Err(e) = result {
+    if let Err(e) = outcome {
         debug!(pod = %pod.key, %orig, error = %e, "connection aborted");
         reset(client);
         reset(app);
     }
+}
+
+/// Resolves when a change of policies or pods denies a live connection.
+async fn revoked(ctx: &ProxyContext, source: IpAddr, pod: &PodProxy, destination: SocketAddr) {
+    let mut changes = ctx.cluster.clone();
+    while changes.changed().await.is_ok() {
+        let cluster = changes.borrow_and_update().clone();
+        let Some(workload) = cluster.workload(&pod.key) else {
+            continue;
+        };
+        if ctx
+            .authorizer
+            .is_probe(source, workload, destination.port())
+        {
+            continue;
+        }
+        let verdict = ctx
+            .authorizer
+            .check(&cluster, source, workload, destination);
+        if !verdict.allowed {
+            ctx.authorizer
+                .record("inbound", &verdict, source, workload, destination);
+            return;
+        }
+    }
+    // The manifest source is gone; the agent is stopping.
+    std::future::pending().await
 }

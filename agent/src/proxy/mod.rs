@@ -1,6 +1,7 @@
 //! The node proxy: one outbound and one inbound listener per enrolled pod,
 //! all served by the agent's tokio runtime.
 
+mod authorize;
 mod copy;
 mod destination;
 pub mod inbound;
@@ -17,11 +18,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
-use crate::datapath::maps::OrigDstMap;
+use crate::datapath::maps::{DenyCache, OrigDstMap};
 use crate::inpod::SocketFactory;
 use crate::metrics::{Metrics, Peer, Reporter, TcpLabels};
 use crate::model::{Cluster, WorkloadKey};
 
+pub use authorize::Authorizer;
 pub use destination::Balancer;
 use destination::ServiceName;
 
@@ -38,6 +40,12 @@ pub struct ProxyContext {
     /// direct connection to the listener.
     pub orig_dst_misses: AtomicU64,
     pub connections: Arc<Connections>,
+    pub authorizer: Authorizer,
+    /// Denials connect4 enforces in the kernel, valid for one generation.
+    pub deny_cache: Mutex<DenyCache>,
+    /// The policy generation, bumped on every change of the model after the
+    /// kernel's copy in SETTINGS; see `outbound`.
+    pub generation: AtomicU64,
 }
 
 /// One enrolled pod as the proxy sees it.

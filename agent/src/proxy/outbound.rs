@@ -6,19 +6,20 @@
 //! cookie and the client's port. The upstream socket is made in the same pod
 //! namespace, so the server sees the pod's own IP.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
-use weir_common::ConnKey;
+use weir_common::{ConnKey, DenyKey};
 
 use super::copy;
 use super::destination::Target;
 use super::{PodProxy, ProxyContext, connect, labels, reset};
 use crate::metrics::{Reporter, TcpLabels};
-use crate::model::{Cluster, WorkloadKey};
+use crate::model::{Cluster, Workload, WorkloadKey};
+use crate::policy::Verdict;
 
 /// The agent's own ports. A connection aimed at one of them would loop back
 /// into the agent, so it is refused: the listeners are no open relay.
@@ -52,6 +53,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         debug!(pod = %pod.key, %orig, "aimed at an agent port; refused");
         return reset(client);
     }
+    // The generation is read before the model: a denial cached from this
+    // model is then at worst one generation old, and ignored, never newer.
+    let generation = ctx.generation.load(Relaxed);
     let cluster = ctx.cluster.borrow().clone();
     let target = match ctx.balancer.resolve(&cluster, orig) {
         Ok(target) => target,
@@ -64,6 +68,27 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
             return reset(client);
         }
     };
+    if let Some(source) = cluster.workload(&pod.key)
+        && let Some((verdict, destination)) = early_verdict(&cluster, ctx, source, &target)
+        && !verdict.allowed
+    {
+        ctx.authorizer.record(
+            "outbound",
+            &verdict,
+            pod_ip(source),
+            destination,
+            target.addr,
+        );
+        if denied_everywhere(&cluster, ctx, source, orig, &target) {
+            cache_denial(ctx, pod, orig, generation);
+        }
+        let counters = ctx
+            .metrics
+            .tcp(outbound_labels(&cluster, &pod.key, Some(&target), "DENY"));
+        counters.opened.fetch_add(1, Relaxed);
+        counters.closed.fetch_add(1, Relaxed);
+        return reset(client);
+    }
     let mut upstream = match connect(&pod.factory, target.addr, None).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -88,6 +113,73 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         debug!(pod = %pod.key, upstream = %target.addr, error = %e, "connection aborted");
         reset(client);
         reset(upstream);
+    }
+}
+
+fn pod_ip(workload: &Workload) -> IpAddr {
+    workload
+        .ips
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// The destination's own verdict, when the destination is an enrolled pod:
+/// asked here so that a denied connection never leaves the node. The
+/// destination's inbound check stays authoritative.
+fn early_verdict<'c>(
+    cluster: &'c Cluster,
+    ctx: &ProxyContext,
+    source: &Workload,
+    target: &Target,
+) -> Option<(Verdict, &'c Workload)> {
+    let destination = cluster.workload(target.workload.as_ref()?)?;
+    if !destination.enrolled {
+        return None;
+    }
+    let verdict = ctx
+        .authorizer
+        .check(cluster, pod_ip(source), destination, target.addr);
+    Some((verdict, destination))
+}
+
+/// Whether every endpoint behind `orig` denies `source`: only then may the
+/// kernel refuse the destination outright. A ClusterIP whose endpoints
+/// answer differently is never cached.
+fn denied_everywhere(
+    cluster: &Cluster,
+    ctx: &ProxyContext,
+    source: &Workload,
+    orig: SocketAddr,
+    target: &Target,
+) -> bool {
+    let Some((_, port)) = cluster.service_by_ip_port(orig.ip(), orig.port()) else {
+        return true;
+    };
+    port.endpoints.iter().filter(|e| e.ready).all(|endpoint| {
+        let target = Target {
+            addr: SocketAddr::new(endpoint.ip, endpoint.port),
+            service: target.service.clone(),
+            workload: endpoint.workload.clone(),
+        };
+        early_verdict(cluster, ctx, source, &target).is_some_and(|(v, _)| !v.allowed)
+    })
+}
+
+/// Lets connect4 refuse this destination from this pod with EPERM, until
+/// the model next changes.
+fn cache_denial(ctx: &ProxyContext, pod: &PodProxy, orig: SocketAddr, generation: u64) {
+    let IpAddr::V4(ip) = orig.ip() else {
+        return;
+    };
+    let key = DenyKey {
+        netns_cookie: pod.factory.netns_cookie(),
+        ip4: u32::from_ne_bytes(ip.octets()),
+        port: orig.port(),
+        _pad: 0,
+    };
+    if let Err(e) = ctx.deny_cache.lock().unwrap().insert(key, generation) {
+        debug!(pod = %pod.key, %orig, error = %e, "caching a denial failed");
     }
 }
 

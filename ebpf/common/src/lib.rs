@@ -150,8 +150,9 @@ pub struct InboundConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DenyKey {
     pub netns_cookie: u64,
-    /// Network byte order, as connect4 sees them.
+    /// Network byte order, as connect4 sees it.
     pub ip4: u32,
+    /// Host byte order.
     pub port: u16,
     pub _pad: u16,
 }
