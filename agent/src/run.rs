@@ -250,9 +250,25 @@ impl AgentView for Agent {
 
     fn config_dump(&self) -> serde_json::Value {
         let cluster: Arc<Cluster> = self.ctx.cluster.borrow().clone();
+        let root = &self.ctx.authorizer.root_namespace;
+        // The policies in force for each workload of this node.
+        let policies: serde_json::Map<String, serde_json::Value> = cluster
+            .workloads()
+            .iter()
+            .filter(|w| w.enrolled && w.node.as_deref() == Some(self.node.as_str()))
+            .map(|w| {
+                let keys: Vec<String> = cluster
+                    .policies_for(w, root)
+                    .iter()
+                    .map(|p| p.key())
+                    .collect();
+                (w.key().to_string(), keys.into())
+            })
+            .collect();
         serde_json::json!({
             "node": self.node,
             "enrolled": *self.enrolled.lock().unwrap(),
+            "policies_in_force": policies,
             "cluster": *cluster,
         })
     }
