@@ -286,7 +286,9 @@ fn raise_nofile_limit() {
     if setrlimit(Resource::RLIMIT_NOFILE, target, target).is_err() {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    if let Ok((now, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+    if let Ok((now, _)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && now != soft
+    {
         info!(from = soft, to = now, "raised RLIMIT_NOFILE");
     }
 }
