@@ -21,6 +21,7 @@ use weir_common::{Cidr4, INBOUND_PORT, InboundConfig, OUTBOUND_PORT, PodConfig};
 use crate::datapath::InboundHook;
 use crate::datapath::maps::{EnrolledMap, InboundPodMap, ListenerMap};
 use crate::inpod::{NetnsFinder, SocketFactory};
+use crate::iptables;
 use crate::model::{Cluster, Workload, WorkloadKey};
 use crate::netns::NetNs;
 use crate::proxy::{PodProxy, ProxyContext, inbound, outbound};
@@ -93,6 +94,9 @@ pub struct Enrollment {
     ctx: Arc<ProxyContext>,
     maps: Arc<Mutex<PodMaps>>,
     hook: InboundHook,
+    /// The agent's cgroup, when outbound interception is by iptables
+    /// instead of connect4.
+    iptables: Option<PathBuf>,
     pods: HashMap<WorkloadKey, Enrolled>,
     /// When each pod that still waits for enrollment was first wanted.
     waiting: HashMap<WorkloadKey, Instant>,
@@ -106,6 +110,7 @@ impl Enrollment {
         ctx: Arc<ProxyContext>,
         maps: Arc<Mutex<PodMaps>>,
         hook: InboundHook,
+        iptables: Option<PathBuf>,
     ) -> Enrollment {
         Enrollment {
             node,
@@ -113,6 +118,7 @@ impl Enrollment {
             ctx,
             maps,
             hook,
+            iptables,
             pods: HashMap::new(),
             waiting: HashMap::new(),
             summary: Arc::default(),
@@ -142,13 +148,21 @@ impl Enrollment {
                 .is_some_and(|(_, ip)| pod.summary.ip == IpAddr::V4(*ip));
             if !keep {
                 info!(pod = %key, "unenrolled");
-                released.push((pod.summary.netns_cookie, pod.ip4()));
+                released.push((
+                    pod.summary.netns_cookie,
+                    pod.ip4(),
+                    pod.summary.netns.clone(),
+                ));
             }
             keep
         });
-        for (cookie, ip4) in released {
+        for (cookie, ip4, netns) in released {
             self.maps.lock().unwrap().forget(cookie, ip4);
             self.hook.detach(cookie);
+            if self.iptables.is_some() {
+                // The pod may be gone already, and its rules with it.
+                let _ = iptables::remove(&netns);
+            }
         }
         self.waiting.retain(|key, _| wanted.contains_key(key));
 
@@ -174,11 +188,22 @@ impl Enrollment {
                         .iter()
                         .map(ToString::to_string)
                         .collect();
-                    let mut maps = self.maps.lock().unwrap();
-                    let updated = maps
-                        .enrolled
-                        .insert(pod.summary.netns_cookie, &outbound)
-                        .and_then(|()| maps.inbound_pods.insert(map_key(*ip), &inbound));
+                    let updated = redirect_outbound(
+                        self.iptables.as_deref(),
+                        &self.maps,
+                        pod.summary.netns_cookie,
+                        &pod.summary.netns,
+                        workload,
+                        &outbound,
+                    )
+                    .and_then(|()| {
+                        Ok(self
+                            .maps
+                            .lock()
+                            .unwrap()
+                            .inbound_pods
+                            .insert(map_key(*ip), &inbound)?)
+                    });
                     if let Err(e) = updated {
                         warn!(pod = %key, error = %e, "updating exclusions failed");
                     }
@@ -254,8 +279,15 @@ impl Enrollment {
             maps.inbound_listeners
                 .insert(map_key(ip), &inbound_listener)?;
             maps.inbound_pods.insert(map_key(ip), &inbound)?;
-            maps.enrolled.insert(cookie, &outbound)?;
         }
+        redirect_outbound(
+            self.iptables.as_deref(),
+            &self.maps,
+            cookie,
+            path,
+            workload,
+            &outbound,
+        )?;
         self.hook.attach(netns.file(), cookie)?;
         let proxy = Arc::new(PodProxy {
             key: key.clone(),
@@ -302,6 +334,24 @@ fn first_ipv4(workload: &Workload) -> Option<Ipv4Addr> {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
     })
+}
+
+/// Starts redirecting a pod's outbound connections, or updates its
+/// exclusions: in the map connect4 reads, or in the pod's nat table when
+/// `iptables` holds the agent's cgroup.
+fn redirect_outbound(
+    iptables: Option<&Path>,
+    maps: &Mutex<PodMaps>,
+    cookie: u64,
+    netns: &Path,
+    workload: &Workload,
+    config: &PodConfig,
+) -> anyhow::Result<()> {
+    match iptables {
+        Some(agent_cgroup) => iptables::redirect_outbound(netns, agent_cgroup, workload)?,
+        None => maps.lock().unwrap().enrolled.insert(cookie, config)?,
+    }
+    Ok(())
 }
 
 /// The eBPF view of a pod's inbound exclusions.

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod datapath;
 pub mod enrollment;
 pub mod inpod;
+pub mod iptables;
 pub mod metrics;
 pub mod model;
 pub mod netns;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use weir::datapath::{self, PinDir};
-use weir::run::{FailMode, RunConfig};
+use weir::run::{FailMode, Interception, RunConfig};
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Sidecar-free service mesh node agent")]
@@ -58,6 +58,10 @@ struct RunArgs {
     /// What enrolled pods get while no agent runs.
     #[arg(long, env = "WEIR_FAIL_MODE", value_enum, default_value_t = FailMode::Open)]
     fail_mode: FailMode,
+    /// How outbound connections are intercepted: eBPF, or an iptables
+    /// REDIRECT in each pod for kernels without the cgroup hooks.
+    #[arg(long, env = "WEIR_INTERCEPTION", value_enum, default_value_t = Interception::Ebpf)]
+    interception: Interception,
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
     #[arg(long, env = "WEIR_HEALTH_ADDR", default_value = "0.0.0.0:15021")]
@@ -99,6 +103,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: args.cgroup,
         netns_dir: args.netns_dir,
         fail_mode: args.fail_mode,
+        interception: args.interception,
         metrics_addr: args.metrics_addr,
         health_addr: args.health_addr,
         admin_addr: args.admin_addr,

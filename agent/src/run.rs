@@ -32,6 +32,16 @@ pub enum FailMode {
     Closed,
 }
 
+/// How enrolled pods' outbound connections reach the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Interception {
+    /// cgroup/connect4 and connect6 rewrite the destination.
+    Ebpf,
+    /// An iptables REDIRECT in each pod's namespace, for kernels without
+    /// the cgroup hooks.
+    Iptables,
+}
+
 #[derive(Debug)]
 pub struct RunConfig {
     pub node: String,
@@ -39,6 +49,7 @@ pub struct RunConfig {
     pub cgroup: Option<PathBuf>,
     pub netns_dir: PathBuf,
     pub fail_mode: FailMode,
+    pub interception: Interception,
     pub metrics_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -55,7 +66,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     raise_nofile_limit();
     let mount = cgroup::cgroup2_mount().context("finding the cgroup2 mount")?;
     let cgroup = config.cgroup.clone().unwrap_or_else(|| mount.clone());
-    let own = mount.join(cgroup::own_cgroup()?);
+    let own_cgroup = cgroup::own_cgroup()?;
+    let own = mount.join(&own_cgroup);
     let settings = Settings {
         agent_cgroup_id: cgroup::cgroup_id(&own)
             .with_context(|| format!("reading {}", own.display()))?,
@@ -68,7 +80,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let pins = PinDir::for_node(&config.node);
     let (datapath, start) = Datapath::open(&pins, &cgroup, settings)
         .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
-    info!(node = %config.node, cgroup = %cgroup.display(), ?start, fail_mode = ?config.fail_mode, "programs attached");
+    info!(node = %config.node, cgroup = %cgroup.display(), ?start, fail_mode = ?config.fail_mode, interception = ?config.interception, "programs attached");
 
     let manifests = model::watch(config.manifests.clone())
         .with_context(|| format!("loading manifests from {}", config.manifests.display()))?;
@@ -89,6 +101,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ),
         deny_cache: Mutex::new(maps.deny_cache),
         generation: AtomicU64::new(0),
+        interception: config.interception,
     });
     let pod_maps = Arc::new(Mutex::new(PodMaps {
         enrolled: maps.enrolled,
@@ -102,6 +115,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ctx.clone(),
         pod_maps.clone(),
         datapath.inbound,
+        (config.interception == Interception::Iptables).then_some(own_cgroup),
     );
     let agent = Arc::new(Agent {
         node: config.node.clone(),

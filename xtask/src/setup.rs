@@ -8,14 +8,16 @@ use anyhow::{Context as _, bail};
 /// bpf-linker links with this LLVM, which must match rustc's major version.
 const LLVM: &str = "22";
 
-/// Debian packages: LLVM for bpf-linker, iproute2 for the sandbox, bpftool
-/// and promtool (package prometheus) for checks users also make.
+/// Debian packages: LLVM for bpf-linker, iproute2 for the sandbox, iptables
+/// for the agent's fallback interception, bpftool and promtool (package
+/// prometheus) for checks users also make.
 fn packages() -> Vec<String> {
     let mut packages: Vec<String> = [
         "libzstd-dev",
         "zlib1g-dev",
         "bpftool",
         "iproute2",
+        "iptables",
         "prometheus",
         "curl",
     ]

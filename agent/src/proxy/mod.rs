@@ -22,6 +22,7 @@ use crate::datapath::maps::{DenyCache, OrigDstMap};
 use crate::inpod::SocketFactory;
 use crate::metrics::{Metrics, Peer, Reporter, TcpLabels};
 use crate::model::{Cluster, WorkloadKey};
+use crate::run::Interception;
 
 pub use authorize::Authorizer;
 pub use destination::Balancer;
@@ -46,6 +47,7 @@ pub struct ProxyContext {
     /// The policy generation, bumped on every change of the model after the
     /// kernel's copy in SETTINGS; see `outbound`.
     pub generation: AtomicU64,
+    pub interception: Interception,
 }
 
 /// One enrolled pod as the proxy sees it.

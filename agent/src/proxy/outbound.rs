@@ -12,14 +12,16 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
-use weir_common::{ConnKey, DenyKey};
+use weir_common::{ConnKey, DenyKey, OUTBOUND_PORT};
 
 use super::copy;
 use super::destination::Target;
 use super::{PodProxy, ProxyContext, connect, labels, reset};
+use crate::iptables;
 use crate::metrics::{Reporter, TcpLabels};
 use crate::model::{Cluster, Workload, WorkloadKey};
 use crate::policy::Verdict;
+use crate::run::Interception;
 
 /// The agent's own ports. A connection aimed at one of them would loop back
 /// into the agent, so it is refused: the listeners are no open relay.
@@ -33,22 +35,37 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, ctx: Arc<ProxyCont
     .await;
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
+/// Where the app meant to connect: recorded by connect4/6, or kept by
+/// netfilter in the iptables fallback.
+fn original_destination(
+    client: &TcpStream,
+    peer: SocketAddr,
+    pod: &PodProxy,
+    ctx: &ProxyContext,
+) -> Option<SocketAddr> {
+    if ctx.interception == Interception::Iptables {
+        return iptables::original_dst(client)
+            .ok()
+            .filter(|orig| orig.port() != OUTBOUND_PORT);
+    }
     let key = ConnKey {
         netns_cookie: pod.factory.netns_cookie(),
         port: peer.port(),
         _pad: [0; 6],
     };
-    let orig = ctx.orig_dst.lock().unwrap().take(key);
-    let Some(orig) = orig else {
+    let orig = ctx.orig_dst.lock().unwrap().take(key)?;
+    Some(SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(orig.ip4)),
+        u16::from_be(orig.port),
+    )))
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
+    let Some(orig) = original_destination(&client, peer, pod, ctx) else {
         ctx.orig_dst_misses.fetch_add(1, Relaxed);
         debug!(pod = %pod.key, %peer, "no original destination; refused");
         return reset(client);
     };
-    let orig = SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(orig.ip4)),
-        u16::from_be(orig.port),
-    ));
     if AGENT_PORTS.contains(&orig.port()) {
         debug!(pod = %pod.key, %orig, "aimed at an agent port; refused");
         return reset(client);
