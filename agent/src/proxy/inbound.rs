@@ -20,7 +20,7 @@ use tracing::debug;
 use weir_common::INBOUND_DELIVERY_IP;
 
 use super::destination::ServiceName;
-use super::{PodProxy, ProxyContext, connect, copy, labels, reset};
+use super::{PodProxy, ProxyContext, connect, copy, labels, refuse, reset};
 use crate::metrics::Reporter;
 
 /// Serves the pod's inbound listener.
@@ -42,25 +42,22 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
     // Plaintext mode: the source is whoever holds the source address.
     let source = cluster.workload_by_ip(peer.ip()).map(|w| w.key());
     let service = ServiceName::with_endpoint(&cluster, orig);
-    let series = |flags| {
-        ctx.metrics.tcp(labels(
+    let labelled = |flags| {
+        labels(
             Reporter::Destination,
             &cluster,
             source.as_ref(),
             Some(&pod.key),
             service.as_ref(),
             flags,
-        ))
+        )
     };
     if !ctx.authorizer.is_probe(peer.ip(), workload, orig.port()) {
         let verdict = ctx.authorizer.check(&cluster, peer.ip(), workload, orig);
         ctx.authorizer
             .record("inbound", &verdict, peer.ip(), workload, orig);
         if !verdict.allowed {
-            let counters = series("DENY");
-            counters.opened.fetch_add(1, Relaxed);
-            counters.closed.fetch_add(1, Relaxed);
-            return reset(client);
+            return refuse(&ctx.metrics, labelled("DENY"), client);
         }
     }
     let delivery = IpAddr::from(INBOUND_DELIVERY_IP);
@@ -68,13 +65,10 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         Ok(app) => app,
         Err(e) => {
             debug!(pod = %pod.key, %orig, error = %e, "delivery to the app failed");
-            let counters = series("UF");
-            counters.opened.fetch_add(1, Relaxed);
-            counters.closed.fetch_add(1, Relaxed);
-            return reset(client);
+            return refuse(&ctx.metrics, labelled("UF"), client);
         }
     };
-    let counters = series("-");
+    let counters = ctx.metrics.tcp(labelled("-"));
     drop(cluster);
     counters.opened.fetch_add(1, Relaxed);
     let outcome = tokio::select! {

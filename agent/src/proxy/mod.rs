@@ -98,6 +98,15 @@ async fn connect(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
+/// Refuses a connection that the proxy answers itself (denied, no upstream,
+/// upstream failed): counted as opened and closed under `labels`, then reset.
+fn refuse(metrics: &Metrics, labels: TcpLabels, client: TcpStream) {
+    let counters = metrics.tcp(labels);
+    counters.opened.fetch_add(1, Relaxed);
+    counters.closed.fetch_add(1, Relaxed);
+    reset(client);
+}
+
 /// Closes with RST rather than FIN, so that the app sees a refusal, not an
 /// empty answer.
 fn reset(stream: TcpStream) {

@@ -16,7 +16,7 @@ use weir_common::{ConnKey, DenyKey, OUTBOUND_PORT};
 
 use super::copy;
 use super::destination::Target;
-use super::{PodProxy, ProxyContext, connect, labels, reset};
+use super::{PodProxy, ProxyContext, connect, labels, refuse, reset};
 use crate::iptables;
 use crate::metrics::{Reporter, TcpLabels};
 use crate::model::{Cluster, Workload, WorkloadKey};
@@ -79,10 +79,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         Err(e) => {
             debug!(pod = %pod.key, %orig, error = %e, "no upstream");
             let labels = outbound_labels(&cluster, &pod.key, None, "UH");
-            let counters = ctx.metrics.tcp(labels);
-            counters.opened.fetch_add(1, Relaxed);
-            counters.closed.fetch_add(1, Relaxed);
-            return reset(client);
+            return refuse(&ctx.metrics, labels, client);
         }
     };
     if let Some(source) = cluster.workload(&pod.key)
@@ -99,23 +96,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         if denied_everywhere(&cluster, ctx, source, orig, &target) {
             cache_denial(ctx, pod, orig, generation);
         }
-        let counters = ctx
-            .metrics
-            .tcp(outbound_labels(&cluster, &pod.key, Some(&target), "DENY"));
-        counters.opened.fetch_add(1, Relaxed);
-        counters.closed.fetch_add(1, Relaxed);
-        return reset(client);
+        let labels = outbound_labels(&cluster, &pod.key, Some(&target), "DENY");
+        return refuse(&ctx.metrics, labels, client);
     }
     let mut upstream = match connect(&pod.factory, target.addr, None).await {
         Ok(upstream) => upstream,
         Err(e) => {
             debug!(pod = %pod.key, upstream = %target.addr, error = %e, "upstream connect failed");
-            let counters =
-                ctx.metrics
-                    .tcp(outbound_labels(&cluster, &pod.key, Some(&target), "UF"));
-            counters.opened.fetch_add(1, Relaxed);
-            counters.closed.fetch_add(1, Relaxed);
-            return reset(client);
+            let labels = outbound_labels(&cluster, &pod.key, Some(&target), "UF");
+            return refuse(&ctx.metrics, labels, client);
         }
     };
     let counters = ctx
