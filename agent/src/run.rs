@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tracing::{info, warn};
 use weir_common::{
     DENY_CACHE_ENTRIES, Decision, Direction, FAIL_CLOSED, FAIL_OPEN, MAX_ENROLLED_PODS,
@@ -16,7 +17,7 @@ use weir_common::{
 
 use crate::admin::{self, AgentView, Endpoint};
 use crate::cgroup;
-use crate::datapath::maps::{DecisionCounters, SocketMap};
+use crate::datapath::maps::{DecisionCounters, SettingsMap, SocketMap};
 use crate::datapath::{Datapath, PinDir};
 use crate::enrollment::{EnrolledPod, Enrollment, PodMaps};
 use crate::inpod::{self, NetnsFinder};
@@ -85,10 +86,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let manifests = model::watch(config.manifests.clone())
         .with_context(|| format!("loading manifests from {}", config.manifests.display()))?;
     let mut clusters = manifests.subscribe();
+    // The proxies see each model only after the kernel's cached denials of
+    // the previous one are void: this loop republishes it after the bump.
     let mut maps = datapath.maps;
+    let (published, proxy_view) = watch::channel(clusters.borrow_and_update().clone());
+    let generation = next_generation(&mut maps.settings)?;
     let node_ips = inpod::addresses().context("reading this node's addresses")?;
     let ctx = Arc::new(ProxyContext {
-        cluster: clusters.clone(),
+        cluster: proxy_view,
         orig_dst: Mutex::new(maps.orig_dst),
         metrics: Arc::new(Metrics::default()),
         balancer: Balancer::default(),
@@ -100,7 +105,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             node_ips,
         ),
         deny_cache: Mutex::new(maps.deny_cache),
-        generation: AtomicU64::new(0),
+        generation: AtomicU64::new(generation),
         interception: config.interception,
     });
     let pod_maps = Arc::new(Mutex::new(PodMaps {
@@ -148,12 +153,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut retry = tokio::time::interval(RETRY);
     loop {
         let cluster = clusters.borrow_and_update().clone();
-        // Any change of the model may change a policy verdict: cached
-        // denials of older generations no longer count, in the kernel first.
-        let mut settings = maps.settings.get()?;
-        settings.policy_generation += 1;
-        maps.settings.set(settings)?;
-        ctx.generation.store(settings.policy_generation, Relaxed);
+        if !Arc::ptr_eq(&cluster, &published.borrow()) {
+            ctx.generation
+                .store(next_generation(&mut maps.settings)?, Relaxed);
+            published.send_replace(cluster.clone());
+        }
         let waiting = enrollment.reconcile(&cluster).await;
         ctx.metrics.retain_known(&cluster);
         if !agent.ready.swap(true, Relaxed) {
@@ -286,6 +290,15 @@ impl AgentView for Agent {
             "cluster": *cluster,
         })
     }
+}
+
+/// Any change of the model may change a policy verdict, so each one starts a
+/// new generation: denials cached in older ones no longer count.
+fn next_generation(settings: &mut SettingsMap) -> anyhow::Result<u64> {
+    let mut current = settings.get()?;
+    current.policy_generation += 1;
+    settings.set(current)?;
+    Ok(current.policy_generation)
 }
 
 /// Every proxied connection costs two descriptors; the default soft limit

@@ -295,7 +295,13 @@ pub fn evaluate(
     } else if let Some(policy) = allow.find(|policy| policy.matches(&connection)) {
         (true, format!("ALLOW policy {} matched", policy.key()))
     } else {
-        (false, "no ALLOW policy matched".to_owned())
+        // Name the ALLOW policies that apply: an operator wants to know which
+        // one to widen. Denials are rare enough for the allocation.
+        let applied: Vec<String> = with_action(Action::Allow).map(|p| p.key()).collect();
+        (
+            false,
+            format!("no ALLOW policy matched ({} apply)", applied.join(", ")),
+        )
     };
     Verdict {
         allowed,

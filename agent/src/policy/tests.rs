@@ -95,7 +95,10 @@ fn allow_nothing() {
         &port(8080),
         "cluster.local",
     );
-    assert_eq!(verdict.reason, "no ALLOW policy matched");
+    assert_eq!(
+        verdict.reason,
+        format!("no ALLOW policy matched ({} apply)", policies[0].key())
+    );
 }
 
 #[test]

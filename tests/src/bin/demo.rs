@@ -1,5 +1,6 @@
 //! `weir-demo [--keep]`, run by `cargo xtask demo`: a two-node Bookinfo sandbox whose enrolled
-//! pods have their connections taken over by weir, shown from both ends.
+//! pods have their connections taken over by weir, shown from both ends, and an Istio
+//! AuthorizationPolicy enforced on them.
 //!
 //! The pods' apps are small HTTP servers on threads of this process, each
 //! answering with who it is and which client address it saw. With `--keep`
@@ -9,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, agent_binary, samples};
+use weir_sandbox::{
+    Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, agent_binary, metric_value, samples,
+};
 
 /// Bookinfo's port, for every app and service.
 const PORT: u16 = 9080;
@@ -37,8 +40,14 @@ const MAX_MESSAGE: u64 = 64 * 1024;
 /// The in-process apps stop by themselves after this, whatever happens.
 const APP_LIFETIME: Duration = Duration::from_secs(600);
 const POLL: Duration = Duration::from_millis(20);
+/// How long a change of the manifests may take to be seen by both agents
+/// (they promise about a second), and any change it causes to show.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often reviews is called, to show round robin over v1, v2 and v3.
 const REVIEWS_CALLS: usize = 6;
+/// The address the inbound proxy delivers connections from, as Istio's
+/// sidecar does.
+const INBOUND_DELIVERY: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 /// A Bookinfo pod: name, app, version, node.
 struct App {
@@ -77,6 +86,16 @@ impl App {
             node,
         }
     }
+
+    /// Bookinfo's service accounts are `bookinfo-<app>`; legacy-client has
+    /// its namespace's `default`.
+    fn service_account(&self) -> String {
+        if self.pod == LEGACY.pod {
+            "default".to_owned()
+        } else {
+            format!("bookinfo-{}", self.app)
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -101,13 +120,11 @@ fn run(keep: bool) -> Result<()> {
     let mut pods = BTreeMap::new();
     for app in BOOKINFO.iter().chain([&LEGACY]) {
         let mut spec = PodSpec::new(app.pod, app.node)
-            .service_account(&format!("bookinfo-{}", app.app))
+            .service_account(&app.service_account())
             .label("app", app.app)
             .label("version", app.version);
         if app.pod == LEGACY.pod {
-            spec = spec
-                .service_account("default")
-                .label("weir.dev/mesh", "disabled");
+            spec = spec.label("weir.dev/mesh", "disabled");
         }
         let pod = sb
             .add_pod(spec)
@@ -133,7 +150,7 @@ fn run(keep: bool) -> Result<()> {
             .with_context(|| format!("cannot start the agent for {}", id.base_name()))?;
         agent.wait_ready(READY_TIMEOUT)?;
         let metrics = agent.metrics()?;
-        let enrolled = weir_sandbox::metric_value(&metrics, "weir_enrolled_pods", &[]);
+        let enrolled = metric_value(&metrics, "weir_enrolled_pods", &[]);
         println!(
             "  {:<9} pid {:<7} ready in {:>4} ms, {} pods enrolled, log {}",
             id.base_name(),
@@ -147,8 +164,9 @@ fn run(keep: bool) -> Result<()> {
     println!("  binary {}", bin.display());
 
     let mut surprises = Vec::new();
-    let replies = productpage_requests(&pods, &cluster_ips, &mut surprises)?;
-    legacy_contrast(&pods, &replies, &cluster_ips, &mut surprises)?;
+    let replies = productpage_requests(&pods, &cluster_ips, &agents, &mut surprises)?;
+    legacy_contrast(&pods, &replies, &cluster_ips, &agents, &mut surprises)?;
+    policy(&sb, &pods, &cluster_ips, &agents, &mut surprises)?;
     print_metrics(&agents)?;
 
     if keep {
@@ -285,11 +303,23 @@ fn print_sandbox(sb: &Sandbox, pods: &BTreeMap<&str, Pod>, cluster_ips: &BTreeMa
                 app.node.base_name().to_owned(),
                 pod.ip().to_string(),
                 format!("app={} version={}", app.app, app.version),
+                app.service_account(),
                 mesh.to_owned(),
             ]
         })
         .collect();
-    table(2, &["pod", "node", "pod IP", "labels", "enrolled"], &rows);
+    table(
+        2,
+        &[
+            "pod",
+            "node",
+            "pod IP",
+            "labels",
+            "service account",
+            "enrolled",
+        ],
+        &rows,
+    );
     println!();
     let rows: Vec<Vec<String>> = SERVICES
         .iter()
@@ -329,9 +359,33 @@ struct Reply {
     local_addr: SocketAddr,
 }
 
+/// The node of a Bookinfo pod, by name.
+fn node_of(pod: &str) -> Option<NodeId> {
+    BOOKINFO
+        .iter()
+        .find(|app| app.pod == pod)
+        .map(|app| app.node)
+}
+
+/// `istio_tcp_connections_opened_total`, summed over the series that carry
+/// all of `labels`.
+fn opened(metrics: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_value(metrics, "istio_tcp_connections_opened_total", labels).unwrap_or(0.0)
+}
+
+/// The agent of node `id`.
+fn agent(agents: &[(NodeId, Agent)], id: NodeId) -> &Agent {
+    &agents
+        .iter()
+        .find(|(node, _)| *node == id)
+        .expect("one agent per node")
+        .1
+}
+
 fn productpage_requests(
     pods: &BTreeMap<&str, Pod>,
     cluster_ips: &BTreeMap<&str, Ipv4Addr>,
+    agents: &[(NodeId, Agent)],
     surprises: &mut Vec<String>,
 ) -> Result<BTreeMap<String, Reply>> {
     let productpage = &pods["productpage-v1"];
@@ -360,19 +414,22 @@ fn productpage_requests(
     let mut rows = Vec::new();
     let mut replies = BTreeMap::new();
     let mut reviews_seen: BTreeMap<String, usize> = BTreeMap::new();
+    // Connections per server node, to compare with what the servers'
+    // agents counted.
+    let mut per_node: BTreeMap<&str, f64> = BTreeMap::new();
     for (label, addr, host) in &targets {
         let reply = http_get(productpage, *addr, host)
             .with_context(|| format!("productpage-v1 → {label} {addr} failed"))?;
         if label.starts_with("reviews") {
             *reviews_seen.entry(reply.pod.clone()).or_default() += 1;
         }
-        let answered = BOOKINFO
-            .iter()
-            .find(|app| app.pod == reply.pod)
-            .map_or_else(
-                || reply.pod.clone(),
-                |app| format!("{} ({})", app.pod, app.node.base_name()),
-            );
+        let answered = match node_of(&reply.pod) {
+            Some(node) => {
+                *per_node.entry(node.base_name()).or_default() += 1.0;
+                format!("{} ({})", reply.pod, node.base_name())
+            }
+            None => reply.pod.clone(),
+        };
         rows.push(vec![
             label.clone(),
             addr.to_string(),
@@ -380,12 +437,13 @@ fn productpage_requests(
             reply.server_saw.clone(),
             reply.peer_addr.to_string(),
         ]);
+        // Every Bookinfo pod is enrolled: its own node's agent delivers.
         if !reply
             .server_saw
-            .starts_with(&format!("{}:", productpage.ip()))
+            .starts_with(&format!("{INBOUND_DELIVERY}:"))
         {
             surprises.push(format!(
-                "{label}: the server saw {} instead of productpage's own IP",
+                "{label}: the server saw {} instead of {INBOUND_DELIVERY}, the inbound proxy",
                 reply.server_saw
             ));
         }
@@ -414,6 +472,34 @@ fn productpage_requests(
         ],
         &rows,
     );
+
+    // Both ends' agents, asked what they counted.
+    let productpage_source = [("source_workload", "productpage-v1")];
+    let mut by_destination = Vec::new();
+    let mut by_source = 0.0;
+    for (id, agent) in agents {
+        let metrics = agent.metrics()?;
+        let node = id.base_name();
+        let counted = opened(
+            &metrics,
+            &[productpage_source[0], ("reporter", "destination")],
+        );
+        let expected = per_node.get(node).copied().unwrap_or(0.0);
+        if counted != expected {
+            surprises.push(format!(
+                "{node}'s agent counted {counted} inbound connections from productpage-v1, not {expected}"
+            ));
+        }
+        by_destination.push(format!("{node} {counted}"));
+        by_source += opened(&metrics, &[productpage_source[0], ("reporter", "source")]);
+    }
+    if by_source != targets.len() as f64 {
+        surprises.push(format!(
+            "productpage-v1's outbound connections were counted {by_source} times, not {}",
+            targets.len()
+        ));
+    }
+
     let spread: Vec<String> = reviews_seen
         .iter()
         .map(|(pod, n)| format!("{pod} ×{n}"))
@@ -424,11 +510,33 @@ fn productpage_requests(
         spread.join(", ")
     );
     println!(
-        "  • The servers saw {}, productpage's own pod IP: the agent dials from inside the pod.",
+        "  • Client side, on xuegod63: connect4 sent each connect() to the agent's listener on"
+    );
+    println!(
+        "    127.0.0.1:15001 in productpage's pod. The agent chose the endpoint and dialled it from"
+    );
+    println!(
+        "    inside that pod, so the server's node saw productpage's own IP, {}. getpeername()",
         productpage.ip()
     );
-    println!("  • getpeername() gives the address the app dialled, although every one of these");
-    println!("    sockets is connected to the agent's listener on 127.0.0.1:15001 in the pod.");
+    println!("    still gives the address the app dialled.");
+    println!(
+        "  • Server side, on the server's node: sk_lookup handed the connection to that node's agent"
+    );
+    println!(
+        "    on 127.0.0.1:15006 in the server's pod, which delivered it to the app from {INBOUND_DELIVERY},"
+    );
+    println!("    as Istio's sidecar does. So every app saw {INBOUND_DELIVERY} as its client.");
+    println!(
+        "  • That agent knew the client by its source IP: its series with reporter=\"destination\""
+    );
+    println!(
+        "    say source_workload=\"productpage-v1\" ({}); xuegod63 also",
+        by_destination.join(", ")
+    );
+    println!(
+        "    counted all {by_source} with reporter=\"source\". Both ends report, as with Istio's sidecars."
+    );
     if reviews_seen.len() < 3 {
         surprises.push(format!(
             "reviews was answered by only {}",
@@ -442,6 +550,7 @@ fn legacy_contrast(
     pods: &BTreeMap<&str, Pod>,
     replies: &BTreeMap<String, Reply>,
     cluster_ips: &BTreeMap<&str, Ipv4Addr>,
+    agents: &[(NodeId, Agent)],
     surprises: &mut Vec<String>,
 ) -> Result<()> {
     let legacy = &pods[LEGACY.pod];
@@ -457,17 +566,28 @@ fn legacy_contrast(
         "  legacy-client → details-v1 {addr}: answered by {}, which saw {}.",
         reply.pod, reply.server_saw
     );
+    println!("  The client's end is left alone; the server's is not: details-v1 is enrolled, so");
+    println!("  sk_lookup on xuegod63 took the connection into its agent as it takes any other.");
     println!("  The same destination from both pods, as the client sockets see it:\n");
     let mut rows = vec![vec![
         "legacy-client".to_owned(),
         reply.local_addr.to_string(),
         reply.peer_addr.to_string(),
-        "direct, untouched".to_owned(),
+        "direct: connect4 let it through".to_owned(),
     ]];
     if reply.local_addr.ip() != IpAddr::V4(legacy.ip()) {
         surprises.push(format!(
             "legacy-client's socket was redirected (getsockname() {})",
             reply.local_addr
+        ));
+    }
+    if !reply
+        .server_saw
+        .starts_with(&format!("{INBOUND_DELIVERY}:"))
+    {
+        surprises.push(format!(
+            "legacy-client → details-v1: details-v1 saw {}, not {INBOUND_DELIVERY}",
+            reply.server_saw
         ));
     }
     if let Some(pp) = replies.get("details-v1 (pod IP, same node)") {
@@ -483,7 +603,25 @@ fn legacy_contrast(
         &["client", "getsockname()", "getpeername()", "connection"],
         &rows,
     );
+    let xuegod63 = agent(agents, NodeId::Xuegod63).metrics()?;
+    let legacy_source = ("source_workload", LEGACY.pod);
+    let inbound = opened(&xuegod63, &[legacy_source, ("reporter", "destination")]);
+    let mut outbound = 0.0;
+    for (_, agent) in agents {
+        outbound += opened(&agent.metrics()?, &[legacy_source, ("reporter", "source")]);
+    }
+    if inbound != 1.0 || outbound != 0.0 {
+        surprises.push(format!(
+            "legacy-client's connection was counted {inbound} times inbound and {outbound} times outbound, not once and never"
+        ));
+    }
     println!();
+    println!(
+        "  xuegod63 counted it once, with reporter=\"destination\" and source_workload=\"legacy-client\""
+    );
+    println!(
+        "  (its IP belongs to a known pod); no reporter=\"source\" series: no proxy at the client's end."
+    );
     println!(
         "  legacy-client cannot use ClusterIPs (reviews is {}): the sandbox has no",
         cluster_ips["reviews"]
@@ -492,19 +630,561 @@ fn legacy_contrast(
     Ok(())
 }
 
+// ----------------------------------------------------------------------
+// Policy
+
+/// Where the demo writes its policies, in the manifests directory.
+const POLICY_FILE: &str = "bookinfo-authorization.yaml";
+
+/// Istio's Bookinfo examples `ratings-viewer` and `details-viewer`, less
+/// their `to: [{operation: {methods: ["GET"]}}]`, which is HTTP.
+const POLICY_YAML: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ratings-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: ratings
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/bookinfo-reviews"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: details-viewer
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: details
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]
+"#;
+
+const POLICY_NAMES: [&str; 2] = ["ratings-viewer", "details-viewer"];
+
+/// The names of the policies in `agent`'s model, from `/config_dump`.
+fn policies_known(agent: &Agent) -> Result<Vec<String>> {
+    let dump = agent.config_dump()?;
+    Ok(dump["cluster"]["policies"]
+        .as_array()
+        .map(|policies| {
+            policies
+                .iter()
+                .filter_map(|policy| policy["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Calls `done` every [`POLL`] until it holds or `timeout` passes; how long
+/// that took, or `None` on timeout.
+fn wait_until(
+    timeout: Duration,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<Option<Duration>> {
+    let start = Instant::now();
+    loop {
+        if done()? {
+            return Ok(Some(start.elapsed()));
+        }
+        if start.elapsed() >= timeout {
+            return Ok(None);
+        }
+        thread::sleep(POLL);
+    }
+}
+
+fn policy(
+    sb: &Sandbox,
+    pods: &BTreeMap<&str, Pod>,
+    cluster_ips: &BTreeMap<&str, Ipv4Addr>,
+    agents: &[(NodeId, Agent)],
+    surprises: &mut Vec<String>,
+) -> Result<()> {
+    let productpage = &pods["productpage-v1"];
+    let reviews = &pods["reviews-v1"];
+    let legacy = &pods[LEGACY.pod];
+    let ratings_addr = pods["ratings-v1"].addr(PORT);
+    let details_addr = pods["details-v1"].addr(PORT);
+    let xuegod64 = agent(agents, NodeId::Xuegod64);
+    section("Policy: an Istio AuthorizationPolicy, enforced at L4");
+
+    // A connection from before the policy, idle, to see it revoked: it is
+    // open once ratings' node has delivered it to the app.
+    let held_labels = [
+        ("reporter", "destination"),
+        ("source_workload", "productpage-v1"),
+        ("destination_workload", "ratings-v1"),
+    ];
+    let before = opened(&xuegod64.metrics()?, &held_labels);
+    let mut held = productpage
+        .connect(ratings_addr)
+        .context("productpage-v1 cannot connect to ratings-v1")?;
+    if wait_until(SETTLE_TIMEOUT, || {
+        Ok(opened(&xuegod64.metrics()?, &held_labels) > before)
+    })?
+    .is_none()
+    {
+        surprises.push("an idle connection to ratings-v1 never reached its app".to_owned());
+    }
+
+    println!("  Istio's Bookinfo examples ratings-viewer and details-viewer, without their");
+    println!(
+        "  `to: [{{operation: {{methods: [\"GET\"]}}}}]`: HTTP methods are beyond L4, where weir"
+    );
+    println!(
+        "  (like ztunnel) decides. Written to {}/{POLICY_FILE}:",
+        sb.manifests_dir().display()
+    );
+    println!();
+    for line in POLICY_YAML.lines() {
+        println!("    {line}");
+    }
+    sb.write_manifest(POLICY_FILE, POLICY_YAML)?;
+    let applied = wait_until(SETTLE_TIMEOUT, || {
+        for (_, agent) in agents {
+            let known = policies_known(agent)?;
+            if !POLICY_NAMES
+                .iter()
+                .all(|name| known.iter().any(|k| k == name))
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    let Some(applied) = applied else {
+        bail!("the agents did not take up {POLICY_FILE} within {SETTLE_TIMEOUT:?}");
+    };
+    let mut in_force = Vec::new();
+    for (id, agent) in agents {
+        let dump = agent.config_dump()?;
+        if let Some(workloads) = dump["policies_in_force"].as_object() {
+            for (workload, policies) in workloads {
+                let names: Vec<&str> = policies
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_str())
+                    .collect();
+                if !names.is_empty() {
+                    in_force.push(vec![
+                        id.base_name().to_owned(),
+                        workload.clone(),
+                        names.join(", "),
+                    ]);
+                }
+            }
+        }
+    }
+    let expected = [
+        ["xuegod63", "default/details-v1", "default/details-viewer"],
+        ["xuegod64", "default/ratings-v1", "default/ratings-viewer"],
+    ];
+    if in_force != expected.map(|row| row.map(str::to_owned).to_vec()) {
+        surprises.push(format!("policies in force: {in_force:?}, not {expected:?}"));
+    }
+    println!();
+    println!(
+        "  Both agents had them {} ms later. Their config_dump, policies_in_force:",
+        applied.as_millis()
+    );
+    table(4, &["node", "pod", "policies"], &in_force);
+    println!();
+
+    let mut rows = Vec::new();
+    let mut row = |client: &str, to: &str, outcome: &Outcome, why: &str| {
+        rows.push(vec![
+            format!("{client} → {to}"),
+            outcome.describe(),
+            why.to_owned(),
+        ]);
+    };
+
+    // The idle connection: the server's agent closed it on the change.
+    held.set_read_timeout(Some(SETTLE_TIMEOUT))?;
+    let held_outcome = match held.read(&mut [0; 64]) {
+        Ok(0) => Outcome::Failed(anyhow::anyhow!("closed, not reset")),
+        Ok(_) => Outcome::Failed(anyhow::anyhow!("data, not a reset")),
+        Err(error) => Outcome::Failed(anyhow::Error::new(error)),
+    };
+    drop(held);
+    row(
+        "productpage-v1",
+        "ratings-v1, already open",
+        &held_outcome,
+        "xuegod64 inbound, on the change",
+    );
+    let ratings_host = ratings_addr.to_string();
+    let first = attempt(productpage, ratings_addr, &ratings_host);
+    row(
+        "productpage-v1",
+        "ratings-v1 (pod IP)",
+        &first,
+        "xuegod63 outbound, before dialling",
+    );
+    let second = attempt(productpage, ratings_addr, &ratings_host);
+    row(
+        "productpage-v1",
+        "ratings-v1 again",
+        &second,
+        "xuegod63's connect4: cached denial",
+    );
+    let ratings_service = SocketAddr::from((cluster_ips["ratings"], PORT));
+    let allowed_ratings = attempt(
+        reviews,
+        ratings_service,
+        &format!("ratings.{NAMESPACE}.svc.cluster.local:{PORT}"),
+    );
+    row(
+        "reviews-v1",
+        "ratings (ClusterIP)",
+        &allowed_ratings,
+        "allowed: sa bookinfo-reviews",
+    );
+    let details_service = SocketAddr::from((cluster_ips["details"], PORT));
+    let allowed_details = attempt(
+        productpage,
+        details_service,
+        &format!("details.{NAMESPACE}.svc.cluster.local:{PORT}"),
+    );
+    row(
+        "productpage-v1",
+        "details (ClusterIP)",
+        &allowed_details,
+        "allowed: sa bookinfo-productpage",
+    );
+    let details_host = details_addr.to_string();
+    let denied_legacy = attempt(legacy, details_addr, &details_host);
+    row(
+        "legacy-client",
+        "details-v1 (pod IP)",
+        &denied_legacy,
+        "xuegod63 inbound: sa default",
+    );
+    table(
+        2,
+        &["client → server", "the client saw", "decided by"],
+        &rows,
+    );
+
+    for (what, outcome) in [
+        ("the idle connection to ratings-v1", &held_outcome),
+        ("productpage-v1 → ratings-v1", &first),
+        ("legacy-client → details-v1", &denied_legacy),
+    ] {
+        if !outcome.is_reset() {
+            surprises.push(format!("{what}: {}, not a reset", outcome.describe()));
+        }
+    }
+    if !matches!(&second, Outcome::ConnectFailed { error, .. } if error.raw_os_error() == Some(libc::EPERM))
+    {
+        surprises.push(format!(
+            "productpage-v1 → ratings-v1 again: {}, not EPERM at connect()",
+            second.describe()
+        ));
+    }
+    for (what, outcome, pod) in [
+        ("reviews-v1 → ratings", &allowed_ratings, "ratings-v1"),
+        ("productpage-v1 → details", &allowed_details, "details-v1"),
+    ] {
+        if !matches!(outcome, Outcome::Answered(reply) if reply.pod == pod) {
+            surprises.push(format!("{what}: {}", outcome.describe()));
+        }
+    }
+
+    println!();
+    println!(
+        "  • productpage's principal, cluster.local/ns/default/sa/bookinfo-productpage, matches no"
+    );
+    println!(
+        "    rule of ratings-viewer. xuegod63's agent asks ratings-v1's policies before dialling,"
+    );
+    println!(
+        "    resets the client, and caches the denial in the kernel: the next connect() from that"
+    );
+    println!(
+        "    pod to {ratings_addr} fails with EPERM in connect4, until the manifests next change."
+    );
+    println!(
+        "    ratings-v1's own node stays authoritative: it closed the connection that was open."
+    );
+    println!(
+        "  • legacy-client is not enrolled, so nothing judges it on its side; details-v1's node"
+    );
+    println!("    does, inbound. Its IP belongs to a known pod with service account default.");
+    println!("  • In plaintext mode a peer's identity is that of the pod owning its source IP");
+    println!("    (README: Security model); in the metrics principals stay \"unknown\".");
+
+    // Denials as the agents count and log them.
+    let mut counters = Vec::new();
+    let mut fast_denied = Vec::new();
+    let mut logged = Vec::new();
+    let mut denials = BTreeMap::new();
+    for (id, agent) in agents {
+        let node = id.base_name();
+        let metrics = agent.metrics()?;
+        for sample in samples(&metrics).filter(|s| s.name == "weir_policy_denied_total") {
+            let direction = sample.label("direction").to_owned();
+            *denials.entry((node, direction.clone())).or_insert(0.0) += sample.value;
+            counters.push(vec![
+                node.to_owned(),
+                format!(
+                    "{{direction=\"{direction}\",policy=\"{}\"}}",
+                    sample.label("policy")
+                ),
+                format!("{}", sample.value),
+            ]);
+        }
+        let denied = metric_value(
+            &metrics,
+            "weir_decisions_total",
+            &[("direction", "outbound"), ("decision", "denied")],
+        )
+        .unwrap_or(0.0);
+        if denied > 0.0 {
+            fast_denied.push(format!("{node} {denied}"));
+        }
+        if (*id == NodeId::Xuegod63) != (denied == 1.0) {
+            surprises.push(format!(
+                "{node}: weir_decisions_total{{direction=\"outbound\",decision=\"denied\"}} is {denied}"
+            ));
+        }
+        for line in agent.log()?.lines().filter(|l| l.contains("denied")) {
+            logged.push(format!("{node}: {}", shorten_log_line(line)));
+        }
+    }
+    for (node, direction, expected) in [
+        ("xuegod63", "outbound", 1.0),
+        ("xuegod63", "inbound", 1.0),
+        ("xuegod64", "inbound", 1.0),
+        ("xuegod64", "outbound", 0.0),
+    ] {
+        let counted = denials
+            .get(&(node, direction.to_owned()))
+            .copied()
+            .unwrap_or(0.0);
+        if counted != expected {
+            surprises.push(format!(
+                "{node}: weir_policy_denied_total{{direction=\"{direction}\"}} is {counted}, not {expected}"
+            ));
+        }
+    }
+    println!();
+    println!(
+        "  weir_policy_denied_total (policy=\"none\": no ALLOW policy matched; a DENY policy is named):"
+    );
+    table(4, &["node", "labels", "count"], &counters);
+    println!(
+        "  weir_decisions_total{{direction=\"outbound\",decision=\"denied\"}} (the EPERM): {}",
+        fast_denied.join(", ")
+    );
+    println!("  The agents' logs, lines with \"denied\":");
+    for line in &logged {
+        println!("    {line}");
+    }
+
+    // Removed: access comes back, the kernel's cached denial with it.
+    sb.remove_manifest(POLICY_FILE)?;
+    let removed = wait_until(SETTLE_TIMEOUT, || {
+        for (_, agent) in agents {
+            if !policies_known(agent)?.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    let Some(removed) = removed else {
+        bail!("the agents still had policies {SETTLE_TIMEOUT:?} after {POLICY_FILE} went");
+    };
+    // Retried only if the model outruns the kernel's generation by a hair.
+    let mut tries = 0;
+    let mut answers = Vec::new();
+    let restored = wait_until(SETTLE_TIMEOUT, || {
+        tries += 1;
+        answers.clear();
+        for (client, addr, host) in [
+            (productpage, ratings_addr, &ratings_host),
+            (legacy, details_addr, &details_host),
+        ] {
+            let outcome = attempt(client, addr, host);
+            answers.push(format!(
+                "{} → {}: {}",
+                client.name(),
+                outcome_target(addr, pods),
+                outcome.describe()
+            ));
+            if !matches!(outcome, Outcome::Answered(_)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    println!();
+    println!(
+        "  Then {POLICY_FILE} was removed; both agents had let it go {} ms later.",
+        removed.as_millis()
+    );
+    if restored.is_some() {
+        let retried = if tries > 1 {
+            format!(" (after {tries} tries)")
+        } else {
+            String::new()
+        };
+        println!("  Access is back{retried}, the kernel's cached denial gone with the change:");
+        for answer in &answers {
+            println!("    {answer}");
+        }
+    } else {
+        surprises.push(format!(
+            "access did not come back within {SETTLE_TIMEOUT:?} of removing the policy: {}",
+            answers.join("; ")
+        ));
+    }
+    Ok(())
+}
+
+/// The pod at `addr`, by name.
+fn outcome_target(addr: SocketAddr, pods: &BTreeMap<&str, Pod>) -> String {
+    pods.iter()
+        .find(|(_, pod)| pod.addr(PORT) == addr)
+        .map_or_else(|| addr.to_string(), |(name, _)| name.to_string())
+}
+
+/// An agent log line without its timestamp and colours.
+fn shorten_log_line(line: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... m
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let plain = plain.trim();
+    // `2025-01-01T00:00:00.000000Z  WARN target: message`
+    match plain.split_once(' ') {
+        Some((first, rest)) if first.contains('T') && first.ends_with('Z') => {
+            rest.trim_start().to_owned()
+        }
+        _ => plain.to_owned(),
+    }
+}
+
+// ----------------------------------------------------------------------
+// HTTP from inside a pod
+
+/// How one request went.
+enum Outcome {
+    Answered(Reply),
+    /// `connect()` itself failed, after `took`.
+    ConnectFailed {
+        error: io::Error,
+        took: Duration,
+    },
+    /// Connected, then the exchange failed.
+    Failed(anyhow::Error),
+}
+
+impl Outcome {
+    fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Outcome::Answered(_) => None,
+            Outcome::ConnectFailed { error, .. } => Some(error),
+            Outcome::Failed(error) => error.chain().find_map(|e| e.downcast_ref::<io::Error>()),
+        }
+    }
+
+    /// Whether the connection was reset, at connect() or after.
+    fn is_reset(&self) -> bool {
+        self.io_error()
+            .is_some_and(|e| matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe))
+    }
+
+    fn describe(&self) -> String {
+        let errno = |error: &io::Error| match error.raw_os_error() {
+            Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
+            None => error.to_string(),
+        };
+        match self {
+            Outcome::Answered(reply) => format!("200 from {}", reply.pod),
+            Outcome::ConnectFailed { error, .. } if self.is_reset() => {
+                format!("reset at connect() ({})", errno(error))
+            }
+            Outcome::ConnectFailed { error, took } => format!(
+                "connect(): {} in {:.2} ms",
+                errno(error),
+                took.as_secs_f64() * 1000.0
+            ),
+            Outcome::Failed(error) => match self.io_error() {
+                Some(io) if self.is_reset() => format!("reset ({})", errno(io)),
+                _ => format!("{error:#}"),
+            },
+        }
+    }
+}
+
 /// `GET /` to `addr` from inside `pod`, with `Host: host`.
 fn http_get(pod: &Pod, addr: SocketAddr, host: &str) -> Result<Reply> {
-    let mut stream = pod
-        .connect(addr)
-        .with_context(|| format!("cannot connect from {}", pod.name()))?;
+    match attempt(pod, addr, host) {
+        Outcome::Answered(reply) => Ok(reply),
+        Outcome::ConnectFailed { error, .. } => {
+            Err(anyhow::Error::new(error).context(format!("cannot connect from {}", pod.name())))
+        }
+        Outcome::Failed(error) => Err(error),
+    }
+}
+
+/// `GET /` to `addr` from inside `pod`, with `Host: host`, however it ends.
+fn attempt(pod: &Pod, addr: SocketAddr, host: &str) -> Outcome {
+    let started = Instant::now();
+    let stream = match pod.connect(addr) {
+        Ok(stream) => stream,
+        Err(error) => {
+            return Outcome::ConnectFailed {
+                error,
+                took: started.elapsed(),
+            };
+        }
+    };
+    match exchange(stream, host) {
+        Ok(reply) => Outcome::Answered(reply),
+        Err(error) => Outcome::Failed(error),
+    }
+}
+
+fn exchange(mut stream: TcpStream, host: &str) -> Result<Reply> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let peer_addr = stream.peer_addr()?;
-    let local_addr = stream.local_addr()?;
+    // A connection reset right after the handshake has no peer any more;
+    // the reset itself is the socket's pending error.
+    let gone = |stream: &TcpStream, error: io::Error| {
+        let error = stream.take_error().ok().flatten().unwrap_or(error);
+        anyhow::Error::new(error).context("the connection is gone")
+    };
+    let peer_addr = stream.peer_addr().map_err(|e| gone(&stream, e))?;
+    let local_addr = stream.local_addr().map_err(|e| gone(&stream, e))?;
     let request = format!(
         "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: weir-demo\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(request.as_bytes())?;
+    stream
+        .write_all(request.as_bytes())
+        .context("cannot send the request")?;
     let mut raw = Vec::new();
     (&mut stream)
         .take(MAX_MESSAGE)
@@ -583,16 +1263,19 @@ impl Drop for InProcessApps {
 
 /// Accepts until `stop` or `APP_LIFETIME`, answering one request per
 /// connection. The demo's requests come one at a time, so one at a time
-/// is enough.
+/// is enough (the Policy section's idle connection holds an app only until
+/// the policy arrives).
 fn serve(listener: TcpListener, app: &App, stop: &AtomicBool) {
     let deadline = Instant::now() + APP_LIFETIME;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         match listener.accept() {
-            Ok((stream, peer)) => {
-                if let Err(error) = answer(stream, peer, app) {
-                    eprintln!("{}: {peer}: {error}", app.pod);
-                }
-            }
+            Ok((stream, peer)) => match answer(stream, peer, app) {
+                // The Policy section's idle connection, closed by the
+                // agent when the policy arrives: expected, not news.
+                Err(error) if error.kind() == ErrorKind::ConnectionReset => {}
+                Err(error) => eprintln!("{}: {peer}: {error}", app.pod),
+                Ok(()) => {}
+            },
             Err(error) if error.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
             Err(error) => {
                 eprintln!("{}: accept: {error}", app.pod);
@@ -741,9 +1424,24 @@ fn python3() -> Option<PathBuf> {
 // ----------------------------------------------------------------------
 // Metrics
 
-/// `[opened, closed, request bytes, response bytes]` per
-/// (source, destination, service, response flags).
-type Flows = BTreeMap<(String, String, String, String), [f64; 4]>;
+/// `[opened, closed, request bytes, response bytes]` per (reporter,
+/// source, destination, service, response flags). Between two enrolled
+/// pods both ends report every connection, so the reporter keeps them apart.
+type Flows = BTreeMap<(String, String, String, String, String), [f64; 4]>;
+
+const REPORTERS: [&str; 2] = ["source", "destination"];
+
+/// weir's decisions, in the order they are explained.
+const DECISIONS: [&str; 8] = [
+    "redirected",
+    "own_socket",
+    "excluded",
+    "denied",
+    "not_enrolled",
+    "fail_open",
+    "fail_closed",
+    "orig_dst_miss",
+];
 
 fn flows(metrics: &str) -> Flows {
     let families = [
@@ -759,6 +1457,7 @@ fn flows(metrics: &str) -> Flows {
         };
         let label = |key: &str| sample.label(key).to_owned();
         let key = (
+            label("reporter"),
             label("source_workload"),
             label("destination_workload"),
             label("destination_service_name"),
@@ -773,7 +1472,7 @@ fn print_metrics(agents: &[(NodeId, Agent)]) -> Result<()> {
     section("What the agents counted (GET :15020/metrics on each node)");
     for (id, agent) in agents {
         // Closes are counted a moment after the client saw the end.
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
         let metrics = loop {
             let metrics = agent.metrics()?;
             let open = flows(&metrics).values().any(|f| f[0] != f[1]);
@@ -783,28 +1482,31 @@ fn print_metrics(agents: &[(NodeId, Agent)]) -> Result<()> {
             thread::sleep(Duration::from_millis(100));
         };
         println!("  {} (pid {})", id.base_name(), agent.pid());
-        let rows: Vec<Vec<String>> = flows(&metrics)
-            .into_iter()
-            .map(
-                |((source, destination, service, flags), [opened, closed, rx, tx])| {
-                    vec![
+        let flows = flows(&metrics);
+        let mut rows = Vec::new();
+        for reporter in REPORTERS {
+            for ((by, source, destination, service, flags), [opened, closed, rx, tx]) in &flows {
+                if by == reporter {
+                    rows.push(vec![
+                        by.clone(),
                         format!("{source} → {destination}"),
-                        service,
+                        service.clone(),
                         format!("{opened}"),
                         format!("{closed}"),
                         format!("{rx}"),
                         format!("{tx}"),
-                        flags,
-                    ]
-                },
-            )
-            .collect();
+                        flags.clone(),
+                    ]);
+                }
+            }
+        }
         if rows.is_empty() {
-            println!("    no proxied connections: no enrolled pod of this node opened one.");
+            println!("    no proxied connections.");
         } else {
             table(
                 4,
                 &[
+                    "reported by",
                     "source → destination workload",
                     "service",
                     "opened",
@@ -816,28 +1518,61 @@ fn print_metrics(agents: &[(NodeId, Agent)]) -> Result<()> {
                 &rows,
             );
         }
-        let decisions: Vec<String> = samples(&metrics)
-            .filter(|s| s.name == "weir_decisions_total" && s.value > 0.0)
-            .map(|s| format!("{} {}", s.label("decision"), s.value))
-            .collect();
-        println!("    weir_decisions_total: {}", decisions.join(", "));
+        for (i, direction) in ["outbound", "inbound"].into_iter().enumerate() {
+            let counts: Vec<String> = DECISIONS
+                .iter()
+                .filter_map(|decision| {
+                    let n = metric_value(
+                        &metrics,
+                        "weir_decisions_total",
+                        &[("direction", direction), ("decision", decision)],
+                    )?;
+                    (n > 0.0).then(|| format!("{decision} {n}"))
+                })
+                .collect();
+            let counts = if counts.is_empty() {
+                "none".to_owned()
+            } else {
+                counts.join(", ")
+            };
+            let name = if i == 0 { "weir_decisions_total" } else { "" };
+            println!("    {name:<20}  {direction:<8}  {counts}");
+        }
         println!();
     }
     println!(
-        "  redirected    an enrolled pod's connect(), sent to the agent's listener in the pod"
+        "  reported by   source: the client pod's agent, outbound; destination: the server pod's"
     );
     println!(
-        "  own_socket    the agent's own upstream connect(), from inside the pod, let through"
+        "                agent, inbound. Between enrolled pods each connection is counted by both"
     );
-    println!("  not_enrolled  everything else: legacy-client, the demo's scrapes, and the other");
-    println!("                node's pods (both nodes' programs watch the sandbox's one cgroup)");
-    println!(
-        "  istio_tcp_* are reported at the client's node (reporter=source), with Istio's labels;"
-    );
+    println!("                ends, on one node or two: do not add the two up.");
     println!(
         "  request B = istio_tcp_received_bytes_total, response B = istio_tcp_sent_bytes_total."
     );
-    println!("  service unknown: dialled by pod IP, not through a Service.");
+    println!(
+        "  service unknown: dialled by pod IP; the destination side names the endpoint's Service."
+    );
+    println!(
+        "  DENY: refused by AuthorizationPolicy (the Policy section): opened, closed, no bytes."
+    );
+    println!("  weir_decisions_total is counted in the kernel by each node's programs:");
+    println!(
+        "    outbound, connect4/6 (both nodes' programs see every connect() in the sandbox's cgroup):"
+    );
+    println!(
+        "      redirected    an enrolled pod's connect(), sent to the agent's listener in the pod"
+    );
+    println!(
+        "      own_socket    the agent's own upstream connect(), from inside the pod, let through"
+    );
+    println!("      denied        refused with EPERM: a policy denial cached in the kernel");
+    println!(
+        "      not_enrolled  everything else: legacy-client, the demo's scrapes, the other node's"
+    );
+    println!("                    pods");
+    println!("    inbound, sk_lookup (in each enrolled pod's namespace):");
+    println!("      redirected    a connection to the pod, handed to the agent's 127.0.0.1:15006");
     Ok(())
 }
 
@@ -954,13 +1689,19 @@ fn print_keep_help(
     let ratings = pods["ratings-v1"].ip();
     let details = pods["details-v1"].ip();
     let node63 = netns_path(sb.node(NodeId::Xuegod63).netns_name());
+    let manifests = sb.manifests_dir().display();
+    // A copy beside the manifests, not in force.
+    let policy = sb.dir().join(POLICY_FILE);
+    std::fs::write(&policy, POLICY_YAML)
+        .with_context(|| format!("cannot write {}", policy.display()))?;
+    let policy = policy.display();
     // (command, comment, whether to run it here first)
     let lines = [
         (
             format!(
                 "inpod productpage-v1 curl -s -H 'Host: reviews.{NAMESPACE}.svc.cluster.local:{PORT}' http://{reviews}:{PORT}/"
             ),
-            "reviews by ClusterIP; repeat for round robin",
+            "reviews by ClusterIP; repeat for round robin. peer: the inbound proxy",
             true,
         ),
         (
@@ -970,12 +1711,22 @@ fn print_keep_help(
         ),
         (
             format!("inpod legacy-client curl -s http://{details}:{PORT}/"),
-            "not enrolled: direct, not intercepted",
+            "not enrolled: its end is direct; details-v1's node still takes it inbound",
             true,
         ),
         (
             format!("inpod legacy-client curl -sS http://{reviews}:{PORT}/"),
             "fails at once: no kube-proxy for pods that are not enrolled",
+            false,
+        ),
+        (
+            format!("cp {policy} {manifests}/"),
+            "the Policy section's policies again: the ratings-v1 curl is reset, then refused at once\n      # (EPERM: curl says (7)); legacy-client's is reset",
+            false,
+        ),
+        (
+            format!("rm {manifests}/{POLICY_FILE}"),
+            "and gone again",
             false,
         ),
         (
