@@ -354,17 +354,18 @@ fn redirect_outbound(
     Ok(())
 }
 
+/// Copies `ports` into a map entry's fixed slots and returns how many.
+fn fill_ports(slots: &mut [u16], ports: &[u16]) -> u32 {
+    let n = slots.len().min(ports.len());
+    slots[..n].copy_from_slice(&ports[..n]);
+    n as u32
+}
+
 /// The eBPF view of a pod's inbound exclusions.
 fn inbound_config(workload: &Workload) -> InboundConfig {
     let mut config = InboundConfig::default();
-    for (slot, port) in config
-        .excluded_ports
-        .iter_mut()
-        .zip(&workload.excluded_inbound_ports)
-    {
-        *slot = *port;
-        config.n_excluded_ports += 1;
-    }
+    config.n_excluded_ports =
+        fill_ports(&mut config.excluded_ports, &workload.excluded_inbound_ports);
     config
 }
 
@@ -372,14 +373,7 @@ fn inbound_config(workload: &Workload) -> InboundConfig {
 /// is never redirected. The model caps the counts at the map's sizes.
 fn pod_config(workload: &Workload) -> PodConfig {
     let mut config = PodConfig::default();
-    for (slot, port) in config
-        .excluded_ports
-        .iter_mut()
-        .zip(&workload.excluded_ports)
-    {
-        *slot = *port;
-        config.n_excluded_ports += 1;
-    }
+    config.n_excluded_ports = fill_ports(&mut config.excluded_ports, &workload.excluded_ports);
     let cidrs = workload.excluded_cidrs.iter().filter_map(|net| match net {
         ipnet::IpNet::V4(v4) => Some(Cidr4 {
             addr: u32::from(v4.network()).to_be(),
