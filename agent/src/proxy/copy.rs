@@ -1,43 +1,105 @@
 //! Byte copying between the client and upstream sockets.
+//!
+//! Bytes move with splice(2) through a pipe per direction: from one socket
+//! into the pipe, and from the pipe into the other socket. They stay in the
+//! kernel, so the proxy holds no buffer of its own and copies nothing, yet it
+//! still sees every byte count for the metrics.
 
 use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::metrics::TcpCounters;
 
-const BUFFER: usize = 16 * 1024;
+/// Most bytes moved by one splice: the pipe's default capacity.
+const CHUNK: usize = 64 * 1024;
 
 /// Copies both ways until both sides have finished. End of stream on one
 /// side becomes a shutdown(SHUT_WR) towards the other, so half-closed
 /// connections keep working. Counters advance as bytes move.
 pub async fn bidirectional(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    client: &TcpStream,
+    upstream: &TcpStream,
     counters: &TcpCounters,
 ) -> io::Result<()> {
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let request = one_way(&mut client_read, &mut upstream_write, &counters.received);
-    let response = one_way(&mut upstream_read, &mut client_write, &counters.sent);
+    let request = one_way(client, upstream, &counters.received);
+    let response = one_way(upstream, client, &counters.sent);
     tokio::try_join!(request, response).map(drop)
 }
 
-async fn one_way<R, W>(from: &mut R, to: &mut W, bytes: &AtomicU64) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Allocated when the direction first runs, not per accepted connection.
-    let mut buf = vec![0; BUFFER];
+async fn one_way(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<()> {
+    let pipe = Pipe::new()?;
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = loop {
+            from.readable().await?;
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write(), CHUNK)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => break result?,
+            }
+        };
         if n == 0 {
-            return to.shutdown().await;
+            return socket2::SockRef::from(to).shutdown(Shutdown::Write);
         }
-        to.write_all(&buf[..n]).await?;
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe.read(), to.as_raw_fd(), left)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => left -= result?,
+            }
+        }
         bytes.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to` without blocking.
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call, and
+    // null offsets mean "the descriptor's own position", as sockets need.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A pipe, read end and write end.
+struct Pipe([OwnedFd; 2]);
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are new and ours.
+        Ok(Pipe(fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    fn read(&self) -> RawFd {
+        self.0[0].as_raw_fd()
+    }
+
+    fn write(&self) -> RawFd {
+        self.0[1].as_raw_fd()
     }
 }

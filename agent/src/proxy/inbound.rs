@@ -31,7 +31,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, ctx: Arc<ProxyCont
     .await;
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
+async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
     let Ok(orig) = client.local_addr() else {
         return reset(client);
     };
@@ -61,7 +61,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         }
     }
     let delivery = IpAddr::from(INBOUND_DELIVERY_IP);
-    let mut app = match connect(&pod.factory, orig, Some(delivery)).await {
+    let app = match connect(&pod.factory, orig, Some(delivery)).await {
         Ok(app) => app,
         Err(e) => {
             debug!(pod = %pod.key, %orig, error = %e, "delivery to the app failed");
@@ -72,7 +72,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
     drop(cluster);
     counters.opened.fetch_add(1, Relaxed);
     let outcome = tokio::select! {
-        copied = copy::bidirectional(&mut client, &mut app, &counters) => copied,
+        copied = copy::bidirectional(&client, &app, &counters) => copied,
         () = revoked(ctx, peer.ip(), pod, orig) => Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "a policy change denies the connection",

@@ -60,7 +60,7 @@ fn original_destination(
     )))
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
+async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
     let Some(orig) = original_destination(&client, peer, pod, ctx) else {
         ctx.orig_dst_misses.fetch_add(1, Relaxed);
         debug!(pod = %pod.key, %peer, "no original destination; refused");
@@ -99,7 +99,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         let labels = outbound_labels(&cluster, &pod.key, Some(&target), "DENY");
         return refuse(&ctx.metrics, labels, client);
     }
-    let mut upstream = match connect(&pod.factory, target.addr, None).await {
+    let upstream = match connect(&pod.factory, target.addr, None).await {
         Ok(upstream) => upstream,
         Err(e) => {
             debug!(pod = %pod.key, upstream = %target.addr, error = %e, "upstream connect failed");
@@ -112,7 +112,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &P
         .tcp(outbound_labels(&cluster, &pod.key, Some(&target), "-"));
     drop(cluster);
     counters.opened.fetch_add(1, Relaxed);
-    let result = copy::bidirectional(&mut client, &mut upstream, &counters).await;
+    let result = copy::bidirectional(&client, &upstream, &counters).await;
     counters.closed.fetch_add(1, Relaxed);
     if let Err(e) = result {
         // One side reset or failed: pass the reset on to both.
