@@ -1,9 +1,11 @@
 //! Byte copying between the client and upstream sockets.
 //!
-//! Bytes move with splice(2) through a pipe per direction: from one socket
-//! into the pipe, and from the pipe into the other socket. They stay in the
-//! kernel, so the proxy holds no buffer of its own and copies nothing, yet it
-//! still sees every byte count for the metrics.
+//! Each direction starts with plain reads and writes through a small buffer,
+//! allocated when the first bytes arrive: for request/response traffic that
+//! is the fewest system calls. A read that fills the buffer marks a bulk
+//! stream, which from then on moves with splice(2) through a pipe: the bytes
+//! stay in the kernel and the buffer is freed, yet every byte is still
+//! counted for the metrics.
 
 use std::io;
 use std::net::Shutdown;
@@ -17,6 +19,8 @@ use crate::metrics::TcpCounters;
 
 /// Most bytes moved by one splice: the pipe's default capacity.
 const CHUNK: usize = 64 * 1024;
+/// The buffer of the read/write phase; a read that fills it switches to splice.
+const SMALL: usize = 8 * 1024;
 
 /// Copies both ways until both sides have finished. End of stream on one
 /// side becomes a shutdown(SHUT_WR) towards the other, so half-closed
@@ -32,6 +36,41 @@ pub async fn bidirectional(
 }
 
 async fn one_way(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        from.readable().await?;
+        if buf.is_empty() {
+            buf = vec![0; SMALL];
+        }
+        let n = match from.try_read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => result?,
+        };
+        if n == 0 {
+            return socket2::SockRef::from(to).shutdown(Shutdown::Write);
+        }
+        write_all(to, &buf[..n]).await?;
+        bytes.fetch_add(n as u64, Relaxed);
+        if n == buf.len() {
+            drop(buf);
+            return splice_all(from, to, bytes).await;
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => data = &data[result?..],
+        }
+    }
+    Ok(())
+}
+
+/// The rest of a bulk stream, through a pipe.
+async fn splice_all(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<()> {
     let pipe = Pipe::new()?;
     loop {
         let n = loop {
