@@ -28,6 +28,13 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Run setup, build the agent in release mode, and benchmark it against
+    /// the direct path in a sandbox (as root); results go to bench/results/.
+    Bench {
+        /// Fewer and shorter rounds.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run setup, then every unit and integration test (as root).
     Test {
         /// Extra arguments for cargo nextest, such as a test name filter.
@@ -58,6 +65,10 @@ fn main() -> anyhow::Result<()> {
                 keep,
             )
         }
+        Task::Bench { quick } => {
+            setup::run()?;
+            bench(quick)
+        }
         Task::Test { args } => {
             setup::run()?;
             build_agent()?;
@@ -79,6 +90,38 @@ fn build_agent() -> anyhow::Result<()> {
         "built {}",
         workspace_root().join("target/debug/weir").display()
     );
+    Ok(())
+}
+
+/// Builds the agent in release mode and runs `weir-bench` (in the tests
+/// crate, which needs the eBPF toolchain) against that binary.
+fn bench(quick: bool) -> anyhow::Result<()> {
+    cargo(&["build", "--release", "--package", "weir", "--bins"], &[])?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let weir = target.join("release/weir");
+    let mut args = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "weir-sandbox",
+        "--bin",
+        "weir-bench",
+        "--",
+    ];
+    if quick {
+        args.push("--quick");
+    }
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&args)
+        .env("WEIR_BIN", &weir)
+        .current_dir(workspace_root())
+        .status()
+        .context("running weir-bench")?;
+    if !status.success() {
+        bail!("weir-bench failed: {status}");
+    }
     Ok(())
 }
 
