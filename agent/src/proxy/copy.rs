@@ -1,8 +1,8 @@
 //! Byte copying between the client and upstream sockets.
 //!
-//! Each direction starts with plain reads and writes through a small buffer,
-//! allocated when the first bytes arrive: for request/response traffic that
-//! is the fewest system calls. A read that fills the buffer marks a bulk
+//! Each direction starts with plain reads and writes through a small buffer
+//! that exists only while bytes are in hand, so an idle connection holds
+//! none: for request/response traffic that is the fewest system calls. A read that fills the buffer marks a bulk
 //! stream, which from then on moves with splice(2) through a pipe: the bytes
 //! stay in the kernel and the buffer is freed, yet every byte is still
 //! counted for the metrics.
@@ -36,12 +36,9 @@ pub async fn bidirectional(
 }
 
 async fn one_way(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<()> {
-    let mut buf = Vec::new();
     loop {
         from.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; SMALL];
-        }
+        let mut buf = vec![0; SMALL];
         let n = match from.try_read(&mut buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             result => result?,
@@ -51,8 +48,8 @@ async fn one_way(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Res
         }
         write_all(to, &buf[..n]).await?;
         bytes.fetch_add(n as u64, Relaxed);
-        if n == buf.len() {
-            drop(buf);
+        if n == SMALL {
+            drop(buf); // not held through the splice phase
             return splice_all(from, to, bytes).await;
         }
     }

@@ -40,8 +40,12 @@ where
 {
     thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let peer = stream.peer_addr().unwrap();
-            stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            // A connection reset before it is handled (a policy revoked it,
+            // say) is simply gone; the server must keep accepting.
+            let Ok(peer) = stream.peer_addr() else {
+                continue;
+            };
+            let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
             let handle = handle.clone();
             thread::spawn(move || handle(stream, peer));
         }
