@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use weir_common::{Cidr4, INBOUND_PORT, InboundConfig, OUTBOUND_PORT, PodConfig};
 
 use crate::datapath::InboundHook;
-use crate::datapath::maps::{EnrolledMap, InboundPodMap, ListenerMap};
+use crate::datapath::maps::{EnrolledMap, InboundPodMap, ListenerMap, ipv4_key};
 use crate::inpod::{NetnsFinder, SocketFactory};
 use crate::iptables;
 use crate::model::{Cluster, Workload, WorkloadKey};
@@ -69,7 +69,7 @@ struct Enrolled {
 
 impl Enrolled {
     fn ip4(&self) -> u32 {
-        map_key(self.ip)
+        ipv4_key(self.ip)
     }
 }
 
@@ -81,11 +81,6 @@ impl Drop for Enrolled {
             task.abort();
         }
     }
-}
-
-/// An IPv4 address as the programs see it: network order in a u32.
-fn map_key(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
 }
 
 pub struct Enrollment {
@@ -202,7 +197,7 @@ impl Enrollment {
                             .lock()
                             .unwrap()
                             .inbound_pods
-                            .insert(map_key(*ip), &inbound)?)
+                            .insert(ipv4_key(*ip), &inbound)?)
                     });
                     if let Err(e) = updated {
                         warn!(pod = %key, error = %e, "updating exclusions failed");
@@ -277,8 +272,8 @@ impl Enrollment {
             let mut maps = self.maps.lock().unwrap();
             maps.listeners.insert(cookie, &outbound_listener)?;
             maps.inbound_listeners
-                .insert(map_key(ip), &inbound_listener)?;
-            maps.inbound_pods.insert(map_key(ip), &inbound)?;
+                .insert(ipv4_key(ip), &inbound_listener)?;
+            maps.inbound_pods.insert(ipv4_key(ip), &inbound)?;
         }
         redirect_outbound(
             self.iptables.as_deref(),

@@ -6,6 +6,11 @@ use weir_common::{
     ConnKey, Decision, DenyKey, Direction, InboundConfig, OrigDst, PodConfig, Settings,
 };
 
+/// An IPv4 address as the programs see it: network order in a u32.
+pub fn ipv4_key(ip: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
 /// Node-wide settings read by connect4/6.
 pub struct SettingsMap(Array<MapData, Settings>);
 

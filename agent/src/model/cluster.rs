@@ -343,6 +343,9 @@ pub struct Cluster {
     /// Cluster IP and TCP port to indexes into `services` and its `ports`.
     #[serde(skip)]
     service_by_addr: HashMap<SocketAddr, (usize, usize)>,
+    /// Endpoint address to the index into `services` of a service it backs.
+    #[serde(skip)]
+    service_by_endpoint: HashMap<SocketAddr, usize>,
 }
 
 impl Cluster {
@@ -419,8 +422,13 @@ impl Cluster {
             .collect();
         let workloads: Vec<Workload> = pods.into_iter().map(|(_, workload)| workload).collect();
         let mut service_by_addr = HashMap::new();
+        let mut service_by_endpoint = HashMap::new();
         for (service_index, service) in services.iter().enumerate() {
             for (port_index, port) in service.ports.iter().enumerate() {
+                for endpoint in &port.endpoints {
+                    let addr = SocketAddr::new(endpoint.ip.to_canonical(), endpoint.port);
+                    service_by_endpoint.entry(addr).or_insert(service_index);
+                }
                 if port.protocol == "TCP" {
                     for ip in &service.cluster_ips {
                         let addr = SocketAddr::new(*ip, port.port);
@@ -438,6 +446,7 @@ impl Cluster {
             policies,
             workload_by_ip,
             service_by_addr,
+            service_by_endpoint,
         }
     }
 
@@ -498,6 +507,13 @@ impl Cluster {
                     && policy.selects(&workload.labels)
             })
             .collect()
+    }
+
+    /// A service that `addr` is an endpoint of: what a connection to a pod
+    /// is reported as on the pod's side.
+    pub fn service_by_endpoint(&self, addr: SocketAddr) -> Option<&Service> {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        Some(&self.services[*self.service_by_endpoint.get(&addr)?])
     }
 
     /// The Service and TCP port that a connection to `ip:port` is for, when

@@ -27,17 +27,7 @@ impl ServiceName {
     /// The service that has `addr` as one of its endpoints, if any: what
     /// the inbound side reports a connection to a pod as.
     pub fn with_endpoint(cluster: &Cluster, addr: SocketAddr) -> Option<ServiceName> {
-        cluster
-            .services()
-            .iter()
-            .find(|service| {
-                service.ports.iter().any(|port| {
-                    port.endpoints
-                        .iter()
-                        .any(|e| e.ip == addr.ip() && e.port == addr.port())
-                })
-            })
-            .map(ServiceName::of)
+        cluster.service_by_endpoint(addr).map(ServiceName::of)
     }
 
     fn of(service: &Service) -> ServiceName {

@@ -17,6 +17,7 @@ use weir_common::{ConnKey, DenyKey, OUTBOUND_PORT};
 use super::copy;
 use super::destination::Target;
 use super::{PodProxy, ProxyContext, connect, labels, refuse, reset};
+use crate::datapath::maps::ipv4_key;
 use crate::iptables;
 use crate::metrics::{Reporter, TcpLabels};
 use crate::model::{Cluster, Workload, WorkloadKey};
@@ -180,7 +181,7 @@ fn cache_denial(ctx: &ProxyContext, pod: &PodProxy, orig: SocketAddr, generation
     };
     let key = DenyKey {
         netns_cookie: pod.factory.netns_cookie(),
-        ip4: u32::from_ne_bytes(ip.octets()),
+        ip4: ipv4_key(ip),
         port: orig.port(),
         _pad: 0,
     };
