@@ -5,8 +5,10 @@
 //! One sandbox holds every scenario at once, so that rounds interleave
 //! without restarting anything: both agents run, and each scenario has its
 //! own client and server pods, enrolled or not by the `weir.dev/mesh` label.
-//! Clients are on xuegod63; servers on xuegod63 (same node) and xuegod64
-//! (cross node). The load generator and the servers are threads of this
+//! Clients are on xuegod63, except the iptables scenario's, on xuegod64,
+//! whose agent runs with `--interception iptables` (the mode is node-wide);
+//! servers are on the client's node (same node) or the other (cross node).
+//! The load generator and the servers are threads of this
 //! process; the sockets they make inside the pods go through the sandbox's
 //! eBPF programs, since `Sandbox::new` moved this process into the
 //! sandbox's pods cgroup.
@@ -76,10 +78,12 @@ impl Placement {
         }
     }
 
-    fn server_node(self) -> NodeId {
-        match self {
-            Placement::SameNode => NodeId::Xuegod63,
-            Placement::CrossNode => NodeId::Xuegod64,
+    /// The server's node, for a client on `client`.
+    fn server_node(self, client: NodeId) -> NodeId {
+        match (self, client) {
+            (Placement::SameNode, node) => node,
+            (Placement::CrossNode, NodeId::Xuegod63) => NodeId::Xuegod64,
+            (Placement::CrossNode, NodeId::Xuegod64) => NodeId::Xuegod63,
         }
     }
 }
@@ -92,21 +96,36 @@ pub enum Mode {
     L4,
     /// Both enrolled: outbound proxy, then sk_lookup and the inbound proxy.
     L4Both,
+    /// The client enrolled on xuegod64, whose agent runs with
+    /// `--interception iptables`: a REDIRECT in the pod's nat table feeds
+    /// the same outbound proxy. The server is not enrolled.
+    Iptables,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Direct, Mode::L4, Mode::L4Both];
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::L4, Mode::L4Both, Mode::Iptables];
 
     pub fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::L4 => "weir L4",
             Mode::L4Both => "weir L4 both ends",
+            Mode::Iptables => "iptables",
         }
     }
 
-    fn client_enrolled(self) -> bool {
-        self != Mode::Direct
+    /// connect4 sends the client's connections to the agent's loopback
+    /// listener (under iptables NAT the client's socket keeps its own
+    /// addresses; `run_one` checks the agent's metrics instead).
+    fn connect4_redirected(self) -> bool {
+        matches!(self, Mode::L4 | Mode::L4Both)
+    }
+
+    fn client_node(self) -> NodeId {
+        match self {
+            Mode::Iptables => NodeId::Xuegod64,
+            _ => NodeId::Xuegod63,
+        }
     }
 
     fn server_enrolled(self) -> bool {
@@ -239,6 +258,8 @@ struct Measured {
 struct Pods {
     client_plain: Pod,
     client_mesh: Pod,
+    /// Enrolled, on xuegod64, whose agent intercepts with iptables.
+    client_iptables: Pod,
     /// Per node: (not enrolled, enrolled).
     servers: BTreeMap<NodeId, (Pod, Pod)>,
     probe: Pod,
@@ -246,15 +267,15 @@ struct Pods {
 
 impl Pods {
     fn client(&self, mode: Mode) -> &Pod {
-        if mode.client_enrolled() {
-            &self.client_mesh
-        } else {
-            &self.client_plain
+        match mode {
+            Mode::Direct => &self.client_plain,
+            Mode::L4 | Mode::L4Both => &self.client_mesh,
+            Mode::Iptables => &self.client_iptables,
         }
     }
 
     fn server(&self, placement: Placement, mode: Mode) -> &Pod {
-        let (plain, mesh) = &self.servers[&placement.server_node()];
+        let (plain, mesh) = &self.servers[&placement.server_node(mode.client_node())];
         if mode.server_enrolled() { mesh } else { plain }
     }
 }
@@ -281,13 +302,20 @@ fn measure(settings: &Settings) -> Result<Measured> {
     // agent's programs are attached, as in a cluster. (Both of the
     // sandbox's agents attach to the same cgroup, so with two running a
     // socket passes two sets of programs.)
-    let agent63 = start_agent(&mut sandbox, NodeId::Xuegod63)?;
+    let agent63 = start_agent(&mut sandbox, NodeId::Xuegod63, &[])?;
     wait_enrolled(&agent63, 2)?;
     let connect = connect_cost(settings, &pods.probe, &mut probe_outside, &mut probe_inside)?;
     drop(probe_inside);
 
-    let agent64 = start_agent(&mut sandbox, NodeId::Xuegod64)?;
-    wait_enrolled(&agent64, 1)?;
+    // xuegod64's agent intercepts with iptables, for the iptables
+    // scenario's client there (and writes no pod into connect4's map).
+    let agent64 = start_agent(
+        &mut sandbox,
+        NodeId::Xuegod64,
+        &["--interception", "iptables"],
+    )?;
+    wait_enrolled(&agent64, 2)?;
+    check_nat_redirect(&pods.client_iptables)?;
     let meters = Meters {
         agent_pids: vec![agent63.pid(), agent64.pid()],
     };
@@ -306,7 +334,10 @@ fn measure(settings: &Settings) -> Result<Measured> {
     };
 
     let agents = [&agent63, &agent64];
-    let results = with_logs(&agents, rounds(settings, &pods, &servers, &meters))?;
+    let results = with_logs(
+        &agents,
+        rounds(settings, &pods, &servers, &meters, &agent64),
+    )?;
 
     memory.idle_after_load = rss_bytes(agent63.pid())?;
     with_logs(&agents, idle_memory(&pods, &agent63, &mut memory))?;
@@ -336,6 +367,7 @@ fn add_pods(sandbox: &mut Sandbox) -> Result<Pods> {
     };
     let client_plain = add("client-plain", NodeId::Xuegod63, false)?;
     let client_mesh = add("client-mesh", NodeId::Xuegod63, true)?;
+    let client_iptables = add("client-iptables", NodeId::Xuegod64, true)?;
     let probe = add("probe", NodeId::Xuegod63, false)?;
     let mut servers = BTreeMap::new();
     for node in NodeId::ALL {
@@ -351,6 +383,7 @@ fn add_pods(sandbox: &mut Sandbox) -> Result<Pods> {
     Ok(Pods {
         client_plain,
         client_mesh,
+        client_iptables,
         servers,
         probe,
     })
@@ -371,14 +404,19 @@ fn tune_pod(pod: &Pod) -> Result<()> {
         .with_context(|| format!("cannot set sysctls in pod {}", pod.name()))
 }
 
-fn start_agent(sandbox: &mut Sandbox, node: NodeId) -> Result<Agent> {
-    let agent = sandbox.start_agent(node, &[])?;
+fn start_agent(sandbox: &mut Sandbox, node: NodeId, args: &[&str]) -> Result<Agent> {
+    let agent = sandbox.start_agent(node, args)?;
     agent.wait_ready(READY_TIMEOUT)?;
     eprintln!(
-        "weir-bench: agent for {} ready (pid {}, log {})",
+        "weir-bench: agent for {} ready (pid {}, log {}){}",
         sandbox.node(node).name(),
         agent.pid(),
-        agent.log_path().display()
+        agent.log_path().display(),
+        if args.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", args.join(" "))
+        }
     );
     Ok(agent)
 }
@@ -396,6 +434,47 @@ fn wait_enrolled(agent: &Agent, pods: usize) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The agent has put the REDIRECT into the pod's nat table.
+fn check_nat_redirect(pod: &Pod) -> Result<()> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns().path().display()))
+        .args(["iptables-save", "-t", "nat"])
+        .output()
+        .context("cannot run iptables-save")?;
+    let rules = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !rules.contains("REDIRECT --to-ports") {
+        bail!(
+            "no REDIRECT in pod {}'s nat table: {rules}{}",
+            pod.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Counters of the iptables agent that tell whether a connection went
+/// through it: proxied connections from the iptables client, and
+/// connect4's outbound redirects, which must stay at zero.
+fn iptables_counters(agent: &Agent) -> Result<(f64, f64)> {
+    let metrics = agent.metrics()?;
+    let opened = metric_value(
+        &metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("source_workload", "client-iptables"),
+        ],
+    )
+    .unwrap_or(0.0);
+    let redirected = metric_value(
+        &metrics,
+        "weir_decisions_total",
+        &[("direction", "outbound"), ("decision", "redirected")],
+    )
+    .unwrap_or(0.0);
+    Ok((opened, redirected))
 }
 
 /// Alternates the two probes, each connecting in the same pod.
@@ -450,6 +529,7 @@ fn rounds(
     pods: &Pods,
     servers: &BTreeMap<String, Server>,
     meters: &Meters,
+    iptables_agent: &Agent,
 ) -> Result<BTreeMap<(Placement, Mode, Workload), Vec<Run>>> {
     let mut results: BTreeMap<_, Vec<Run>> = BTreeMap::new();
     for round in 0..settings.rounds {
@@ -462,16 +542,23 @@ fn rounds(
                     let client = pods.client(mode);
                     let server_pod = pods.server(placement, mode);
                     let server = &servers[server_pod.name()];
-                    let run = run_one(settings, workload, mode, client, server_pod, server, meters)
-                        .with_context(|| {
-                            format!(
-                                "{} {} {}, round {}",
-                                workload.label(),
-                                placement.label(),
-                                mode.label(),
-                                round + 1
-                            )
-                        })?;
+                    let run = run_one(
+                        settings,
+                        workload,
+                        mode,
+                        (client, server_pod, server),
+                        meters,
+                        iptables_agent,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "{} {} {}, round {}",
+                            workload.label(),
+                            placement.label(),
+                            mode.label(),
+                            round + 1
+                        )
+                    })?;
                     eprintln!(
                         "[round {}/{}] {:<14} {:<10} {:<18} {}",
                         round + 1,
@@ -496,16 +583,16 @@ fn run_one(
     settings: &Settings,
     workload: Workload,
     mode: Mode,
-    client: &Pod,
-    server_pod: &Pod,
-    server: &Server,
+    (client, server_pod, server): (&Pod, &Pod, &Server),
     meters: &Meters,
+    iptables_agent: &Agent,
 ) -> Result<Run> {
     let expect = Expect {
-        redirected: mode.client_enrolled(),
+        redirected: mode.connect4_redirected(),
     };
     let echo = server_pod.addr(ECHO_PORT);
     let before = server.accepted().read();
+    let counters_before = iptables_counters(iptables_agent)?;
     let run = match workload {
         Workload::Rr1 | Workload::Rr16 => {
             let connections = if workload == Workload::Rr1 { 1 } else { 16 };
@@ -529,7 +616,37 @@ fn run_one(
             Run::from_bulk(&bulk)
         }
     };
-    let after = server.accepted().read();
+    let mut after = server.accepted().read();
+    let counters_after = iptables_counters(iptables_agent)?;
+    if counters_after.1 != 0.0 {
+        bail!(
+            "xuegod64's agent (iptables interception) counted {} connect4 redirects",
+            counters_after.1
+        );
+    }
+    let mut opened = counters_after.0 - counters_before.0;
+    if mode == Mode::Iptables {
+        // Under NAT the client's socket has its own addresses, so the
+        // agent's count of proxied connections from the client says that
+        // each went through the proxy. It counts asynchronously: a short,
+        // bounded wait for it to agree with what the server accepted.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while opened as u64 != after.0 - before.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            after = server.accepted().read();
+            opened = iptables_counters(iptables_agent)?.0 - counters_before.0;
+        }
+        if opened as u64 != after.0 - before.0 {
+            bail!(
+                "xuegod64's agent proxied {opened} connections from client-iptables, the server accepted {}",
+                after.0 - before.0
+            );
+        }
+    } else if opened != 0.0 {
+        bail!(
+            "xuegod64's agent proxied {opened} connections from client-iptables in another scenario"
+        );
+    }
     let (total, via_weir) = (after.0 - before.0, after.1 - before.1);
     if total == 0 {
         bail!("the server accepted no connection");

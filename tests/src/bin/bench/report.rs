@@ -462,7 +462,10 @@ impl Report {
              direct's, same placement, same run. Clients run on xuegod63; servers on xuegod63 (same node) \
              or xuegod64 (cross node). *weir L4*: the client pod is enrolled (connect4 redirect, outbound \
              proxy), the server is not. *weir L4 both ends*: the server is enrolled too (sk_lookup, inbound \
-             proxy).\n\n",
+             proxy). *iptables*: the same outbound proxy fed by an iptables REDIRECT in the client pod's nat \
+             table; its client runs on xuegod64, whose agent runs with `--interception iptables`, and its \
+             servers are on xuegod64 (same node) or xuegod63 (cross node), not enrolled; its ratios are to \
+             direct from xuegod63 (the two nodes are alike: namespaces on one machine).\n\n",
         );
 
         self.headline(&mut md);
@@ -478,7 +481,7 @@ impl Report {
     fn headline(&self, md: &mut String) {
         let weir: Vec<Scenario> = Placement::ALL
             .into_iter()
-            .flat_map(|p| [(p, Mode::L4), (p, Mode::L4Both)])
+            .flat_map(|p| [(p, Mode::L4), (p, Mode::L4Both), (p, Mode::Iptables)])
             .collect();
         let _ = writeln!(md, "## Headline (issue 6 targets)\n");
         let mut header = "| figure |".to_owned();
@@ -512,6 +515,7 @@ impl Report {
             ratio(self.ratio(sc, Workload::Connections))
         });
         md.push('\n');
+        self.against_iptables(md);
         if let Some((_, _, r)) = self.connect_ratio() {
             let _ = writeln!(
                 md,
@@ -530,6 +534,70 @@ impl Report {
                 b / 1024.0
             );
         }
+        md.push('\n');
+    }
+
+    /// Issue 6: weir must beat iptables on connection setup and be at
+    /// least equal elsewhere. weir L4's medians over iptables', per
+    /// placement (the same as the ratio of their ratios to direct).
+    fn against_iptables(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "weir L4 against iptables (weir L4's median over iptables', same placement, same run):\n"
+        );
+        let mut header = "| figure |".to_owned();
+        let mut rule = "|---|".to_owned();
+        for placement in Placement::ALL {
+            let _ = write!(header, " {}, weir L4 / iptables |", placement.label());
+            rule.push_str("---|");
+        }
+        let _ = writeln!(md, "{header} target |\n{rule}---|");
+        let over = |placement: Placement, workload: Workload| -> String {
+            let weir = self.value((placement, Mode::L4), workload);
+            let iptables = self.value((placement, Mode::Iptables), workload);
+            match (weir, iptables) {
+                (Some(w), Some(i)) if i.median > 0.0 => format!("{:.2}×", w.median / i.median),
+                _ => "–".to_owned(),
+            }
+        };
+        let p50 = |placement: Placement, workload: Workload| -> String {
+            let weir = self.percentile((placement, Mode::L4), workload, 0);
+            let iptables = self.percentile((placement, Mode::Iptables), workload, 0);
+            match (weir, iptables) {
+                (Some(w), Some(i)) => format!("{:+.1} µs", w.median - i.median),
+                _ => "–".to_owned(),
+            }
+        };
+        let row =
+            |md: &mut String, name: &str, target: &str, cell: &dyn Fn(Placement) -> String| {
+                let mut line = format!("| {name} |");
+                for placement in Placement::ALL {
+                    let _ = write!(line, " {} |", cell(placement));
+                }
+                let _ = writeln!(md, "{line} {target} |");
+            };
+        row(md, "new connections/s", "> 1×", &|p| {
+            over(p, Workload::Connections)
+        });
+        row(md, "req/resp c=16 throughput", "≥ 1×", &|p| {
+            over(p, Workload::Rr16)
+        });
+        row(
+            md,
+            "req/resp c=16 p50, weir L4 − iptables",
+            "≤ 0",
+            &|p| p50(p, Workload::Rr16),
+        );
+        row(md, "req/resp c=1 throughput", "≥ 1×", &|p| {
+            over(p, Workload::Rr1)
+        });
+        row(
+            md,
+            "req/resp c=1 p50, weir L4 − iptables",
+            "≤ 0",
+            &|p| p50(p, Workload::Rr1),
+        );
+        row(md, "bulk", "≥ 1×", &|p| over(p, Workload::Bulk));
         md.push('\n');
     }
 
