@@ -129,6 +129,33 @@ async fn meter_window(meters: &Meters, from: Instant, until: Instant) -> Result<
     Ok(before.until(&after))
 }
 
+type Worker =
+    tokio::task::JoinHandle<Result<Result<(Histogram<u64>, u64)>, tokio::time::error::Elapsed>>;
+
+/// Merges the workers' histograms and counts into one measurement.
+async fn gather(
+    workers: Vec<Worker>,
+    window: Window,
+    usage: Usage,
+    what: &str,
+) -> Result<Measured> {
+    let mut latency = histogram();
+    let mut count = 0;
+    for worker in workers {
+        let (histogram, n) = worker
+            .await?
+            .with_context(|| format!("{what} timed out"))??;
+        latency.add(histogram)?;
+        count += n;
+    }
+    Ok(Measured {
+        count,
+        per_second: count as f64 / window.measure.as_secs_f64(),
+        latency,
+        usage,
+    })
+}
+
 /// `connections` kept-open connections, each writing 1 KiB and reading the
 /// 1 KiB echo back, one request at a time.
 pub async fn request_response(
@@ -154,21 +181,7 @@ pub async fn request_response(
         })
         .collect();
     let usage = meter_window(meters, from, until).await?;
-    let mut latency = histogram();
-    let mut count = 0;
-    for worker in workers {
-        let (histogram, n) = worker
-            .await?
-            .context("a request/response worker timed out")??;
-        latency.add(histogram)?;
-        count += n;
-    }
-    Ok(Measured {
-        count,
-        per_second: count as f64 / window.measure.as_secs_f64(),
-        latency,
-        usage,
-    })
+    gather(workers, window, usage, "a request/response worker").await
 }
 
 async fn rr_worker(
@@ -215,19 +228,7 @@ pub async fn connection_rate(
         })
         .collect();
     let usage = meter_window(meters, from, until).await?;
-    let mut latency = histogram();
-    let mut count = 0;
-    for worker in workers {
-        let (histogram, n) = worker.await?.context("a connection worker timed out")??;
-        latency.add(histogram)?;
-        count += n;
-    }
-    Ok(Measured {
-        count,
-        per_second: count as f64 / window.measure.as_secs_f64(),
-        latency,
-        usage,
-    })
+    gather(workers, window, usage, "a connection worker").await
 }
 
 async fn connection_worker(
