@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own commands.
 
+mod manifests;
 mod setup;
 
 use std::path::PathBuf;
@@ -35,7 +36,11 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Run setup, then every unit and integration test (as root).
+    /// Check daemonset/ offline: schemas for Kubernetes 1.33, the
+    /// Kustomization, apply order, and the Containerfile's binaries.
+    CheckManifests,
+    /// Run setup, check daemonset/, then every unit and integration test
+    /// (as root).
     Test {
         /// Extra arguments for cargo nextest, such as a test name filter.
         args: Vec<String>,
@@ -69,8 +74,16 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             bench(quick)
         }
+        Task::CheckManifests => {
+            setup::install_kubernetes_validate()?;
+            let files = manifests::check(&workspace_root())?;
+            println!("check-manifests: {files} manifests valid for Kubernetes 1.33");
+            Ok(())
+        }
         Task::Test { args } => {
             setup::run()?;
+            // Silent when clean, before the tests, whose summary stays last.
+            manifests::check(&workspace_root())?;
             build_agent()?;
             let tests = cargo(&["nextest", "run", "--workspace", "--no-fail-fast"], &args);
             // Silent when clean, so that nextest's summary stays the last line.

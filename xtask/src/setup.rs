@@ -8,6 +8,10 @@ use anyhow::{Context as _, bail};
 /// bpf-linker links with this LLVM, which must match rustc's major version.
 const LLVM: &str = "22";
 
+/// PyPI's kubernetes-validate, which checks daemonset/ against the API
+/// schemas of each Kubernetes version (up to its own).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
 /// Debian packages: LLVM for bpf-linker, iproute2 for the sandbox, iptables
 /// for the agent's fallback interception, bpftool and promtool (package
 /// prometheus) for checks users also make.
@@ -59,6 +63,7 @@ pub fn run() -> anyhow::Result<()> {
             bail!("cargo install cargo-nextest failed: {status}");
         }
     }
+    install_kubernetes_validate()?;
     mount_bpffs()?;
     println!("setup: ready");
     Ok(())
@@ -118,6 +123,34 @@ fn install_rust_src() -> anyhow::Result<()> {
         "--toolchain",
         toolchain,
     ]))
+}
+
+/// kubernetes-validate for `cargo xtask check-manifests`, unless a version
+/// that knows Kubernetes 1.33 is already there.
+pub fn install_kubernetes_validate() -> anyhow::Result<()> {
+    let present = "from kubernetes_validate.version import __version__ as v; \
+        import sys; sys.exit(tuple(map(int, v.split('.')[:2])) < (1, 33))";
+    if succeeds("python3", &["-c", present]) {
+        return Ok(());
+    }
+    println!("setup: installing {KUBERNETES_VALIDATE}");
+    let install = |extra: &[&str]| {
+        run_quiet(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(extra)
+                .arg(KUBERNETES_VALIDATE),
+        )
+    };
+    // A Debian python3 refuses pip installs outside a venv (PEP 668) unless
+    // told otherwise; older pips do not know the flag, so it comes second.
+    install(&[]).or_else(|_| install(&["--break-system-packages"]))
 }
 
 fn mount_bpffs() -> anyhow::Result<()> {
