@@ -20,10 +20,10 @@ use weir_common::{Cidr4, INBOUND_PORT, InboundConfig, OUTBOUND_PORT, PodConfig};
 
 use crate::datapath::InboundHook;
 use crate::datapath::maps::{EnrolledMap, InboundPodMap, ListenerMap, ipv4_key};
-use crate::inpod::{NetnsFinder, SocketFactory};
+use crate::inpod::{FoundNetns, NetnsFinder, SocketFactory, Source};
 use crate::iptables;
 use crate::model::{Cluster, Workload, WorkloadKey};
-use crate::netns::NetNs;
+use crate::netns::NsId;
 use crate::proxy::{PodProxy, ProxyContext, inbound, outbound};
 
 /// An enrolled pod, as `/config_dump` shows it.
@@ -32,7 +32,9 @@ pub struct EnrolledPod {
     pub namespace: String,
     pub name: String,
     pub ip: IpAddr,
+    /// Names the pod's namespace for as long as the pod is enrolled.
     pub netns: PathBuf,
+    pub found_by: Source,
     pub netns_cookie: u64,
     pub excluded_ports: Vec<u16>,
     pub excluded_cidrs: Vec<String>,
@@ -60,6 +62,8 @@ impl PodMaps {
 
 struct Enrolled {
     summary: EnrolledPod,
+    /// Held open, so that `summary.netns` stays valid.
+    netns: FoundNetns,
     ip: Ipv4Addr,
     outbound: PodConfig,
     inbound: InboundConfig,
@@ -131,39 +135,46 @@ impl Enrollment {
     /// Returns how many wanted pods are still waiting.
     pub async fn reconcile(&mut self, cluster: &Cluster) -> usize {
         let node = self.node.clone();
+        self.finder
+            .prune_hints(|key| cluster.workload(key).is_some());
+        // A pod's address comes from the model, or, until the kubelet
+        // reports it, from the CNI plugin.
         let wanted: HashMap<WorkloadKey, (&Workload, Ipv4Addr)> = cluster
             .enrolled_on(&node)
-            .filter_map(|w| Some((w.key(), (w, first_ipv4(w)?))))
+            .filter_map(|w| {
+                let key = w.key();
+                let ip = first_ipv4(w).or_else(|| self.finder.hinted_ipv4(&key))?;
+                Some((key, (w, ip)))
+            })
             .collect();
 
-        let mut released = Vec::new();
-        self.pods.retain(|key, pod| {
-            let keep = wanted
-                .get(key)
-                .is_some_and(|(_, ip)| pod.summary.ip == IpAddr::V4(*ip));
-            if !keep {
-                info!(pod = %key, "unenrolled");
-                released.push((
-                    pod.summary.netns_cookie,
-                    pod.ip4(),
-                    pod.summary.netns.clone(),
-                ));
-            }
-            keep
-        });
-        for (cookie, ip4, netns) in released {
-            self.maps.lock().unwrap().forget(cookie, ip4);
-            self.hook.detach(cookie);
-            if self.iptables.is_some() {
-                // The pod may be gone already, and its rules with it.
-                let _ = iptables::remove(&netns);
-            }
+        let released: Vec<WorkloadKey> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| {
+                wanted
+                    .get(*key)
+                    .is_none_or(|(_, ip)| pod.summary.ip != IpAddr::V4(*ip))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &released {
+            self.release(key);
         }
         self.waiting.retain(|key, _| wanted.contains_key(key));
 
-        // One scan per pass, and only when a pod needs its namespace: pods
-        // come and go, and an address may move to a new namespace.
-        let netns_by_ip = if wanted.keys().any(|key| !self.pods.contains_key(key)) {
+        // Namespaces the CNI plugin named come first. Then one scan per
+        // pass, and only when a pod still needs its namespace: pods come
+        // and go, and an address may move to a new namespace.
+        let hinted: HashMap<&WorkloadKey, FoundNetns> = wanted
+            .iter()
+            .filter(|(key, _)| !self.pods.contains_key(*key))
+            .filter_map(|(key, (_, ip))| Some((key, self.finder.hinted(key, IpAddr::V4(*ip))?)))
+            .collect();
+        let netns_by_ip = if wanted
+            .keys()
+            .any(|key| !self.pods.contains_key(key) && !hinted.contains_key(key))
+        {
             self.finder.scan().unwrap_or_else(|e| {
                 warn!(error = %e, "scanning network namespaces failed");
                 HashMap::new()
@@ -187,7 +198,7 @@ impl Enrollment {
                         self.iptables.as_deref(),
                         &self.maps,
                         pod.summary.netns_cookie,
-                        &pod.summary.netns,
+                        &pod.netns.path(),
                         workload,
                         &outbound,
                     )
@@ -206,15 +217,18 @@ impl Enrollment {
                 continue;
             }
             let since = *self.waiting.entry(key.clone()).or_insert_with(Instant::now);
-            let Some(path) = netns_by_ip.get(&IpAddr::V4(*ip)) else {
+            let Some(netns) = hinted
+                .get(key)
+                .or_else(|| netns_by_ip.get(&IpAddr::V4(*ip)))
+            else {
                 continue;
             };
             match self
-                .enroll(key, workload, *ip, path, outbound, inbound)
+                .enroll(key, workload, *ip, netns, outbound, inbound)
                 .await
             {
                 Ok(pod) => {
-                    info!(pod = %key, ip = %ip, netns = %path.display(), took_ms = since.elapsed().as_millis() as u64, "enrolled");
+                    info!(pod = %key, ip = %ip, netns = %pod.summary.netns.display(), found_by = ?netns.source(), took_ms = since.elapsed().as_millis() as u64, "enrolled");
                     self.waiting.remove(key);
                     self.pods.insert(key.clone(), pod);
                 }
@@ -252,18 +266,19 @@ impl Enrollment {
         self.waiting.len()
     }
 
-    /// Enrolls one pod whose namespace is at `path`.
+    /// Enrolls one pod whose namespace is `found`.
     async fn enroll(
         &mut self,
         key: &WorkloadKey,
         workload: &Workload,
         ip: Ipv4Addr,
-        path: &Path,
+        found: &FoundNetns,
         outbound: PodConfig,
         inbound: InboundConfig,
     ) -> anyhow::Result<Enrolled> {
-        let netns = NetNs::open(path)?;
-        let factory = SocketFactory::start(&netns, &workload.name)?;
+        let netns = found.netns();
+        let path = found.path();
+        let factory = SocketFactory::start(netns, &workload.name)?;
         let cookie = factory.netns_cookie();
         let listen = |port| factory.listener(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
         let outbound_listener = tokio::net::TcpListener::from_std(listen(OUTBOUND_PORT).await?)?;
@@ -279,7 +294,7 @@ impl Enrollment {
             self.iptables.as_deref(),
             &self.maps,
             cookie,
-            path,
+            &path,
             workload,
             &outbound,
         )?;
@@ -301,7 +316,8 @@ impl Enrollment {
                 namespace: workload.namespace.clone(),
                 name: workload.name.clone(),
                 ip: IpAddr::V4(ip),
-                netns: path.to_path_buf(),
+                netns: path,
+                found_by: found.source(),
                 netns_cookie: cookie,
                 excluded_ports: workload.excluded_ports.clone(),
                 excluded_cidrs: workload
@@ -310,11 +326,59 @@ impl Enrollment {
                     .map(ToString::to_string)
                     .collect(),
             },
+            netns: found.clone(),
             ip,
             outbound,
             inbound,
             serving,
         })
+    }
+
+    /// Takes a pod out of the maps and closes its listeners.
+    fn release(&mut self, key: &WorkloadKey) {
+        let Some(pod) = self.pods.remove(key) else {
+            return;
+        };
+        info!(pod = %key, "unenrolled");
+        self.maps
+            .lock()
+            .unwrap()
+            .forget(pod.summary.netns_cookie, pod.ip4());
+        self.hook.detach(pod.summary.netns_cookie);
+        if self.iptables.is_some() {
+            // The pod may be gone already, and its rules with it. `pod`
+            // still holds the namespace, so its path is still valid.
+            let _ = iptables::remove(&pod.netns.path());
+        }
+    }
+
+    /// Records the CNI plugin's word that the pod's sandbox `container_id`
+    /// has its namespace at `netns` and holds `ips`. The next pass uses it
+    /// before scanning. A pod enrolled in another namespace has had its
+    /// sandbox made again, and is released so that the pass enrolls it anew.
+    pub fn hint(
+        &mut self,
+        key: &WorkloadKey,
+        container_id: &str,
+        netns: &Path,
+        ips: Vec<IpAddr>,
+    ) -> std::io::Result<()> {
+        let id: NsId = self
+            .finder
+            .hint(key.clone(), container_id.to_owned(), netns, ips)?;
+        if self.pods.get(key).is_some_and(|pod| pod.netns.id() != id) {
+            self.release(key);
+        }
+        Ok(())
+    }
+
+    /// Forgets a hint: the sandbox `container_id` is going away.
+    pub fn unhint(&mut self, key: &WorkloadKey, container_id: &str) {
+        self.finder.unhint(key, container_id);
+    }
+
+    pub fn is_enrolled(&self, key: &WorkloadKey) -> bool {
+        self.pods.contains_key(key)
     }
 
     /// Closes every listener but keeps the pods in the enrolled map, so that

@@ -5,9 +5,10 @@
 //! on a short-lived or dedicated thread that setns()'d there, and hands the
 //! socket back; the socket can then be used from any thread.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{CloneFlags, setns};
@@ -42,6 +43,12 @@ impl NetNs {
         &self.file
     }
 
+    /// Which namespace this is: two handles with the same id are one
+    /// namespace, whatever paths they were opened by.
+    pub fn id(&self) -> io::Result<NsId> {
+        Ok(NsId::from(&self.file.metadata()?))
+    }
+
     /// Moves the calling thread into this namespace. Only for threads that
     /// stay there for good, such as a pod's socket factory.
     pub fn enter(&self) -> io::Result<()> {
@@ -73,6 +80,31 @@ impl NetNs {
             let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
             netns_cookie(&socket)
         })?
+    }
+}
+
+/// A namespace's identity: the device and inode of its nsfs file, as
+/// `stat` on any path to it (a bind mount, `/proc/<pid>/ns/net`) shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl NsId {
+    /// The namespace `path` leads to, without opening it.
+    pub fn of(path: impl AsRef<Path>) -> io::Result<NsId> {
+        Ok(NsId::from(&std::fs::metadata(path)?))
+    }
+
+    pub fn new(dev: u64, ino: u64) -> NsId {
+        NsId { dev, ino }
+    }
+}
+
+impl From<&Metadata> for NsId {
+    fn from(meta: &Metadata) -> NsId {
+        NsId::new(meta.dev(), meta.ino())
     }
 }
 
