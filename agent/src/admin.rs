@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoints, each on its own address:
-//! `/metrics` (Prometheus), `/healthz/ready` (readiness) and, on localhost
+//! `/metrics` (Prometheus), `/healthz/ready` (readiness), `/healthz/live`
+//! (liveness) and, on localhost
 //! only, `/config_dump` (what the agent knows and has enrolled).
 
 use std::convert::Infallible;
@@ -45,6 +46,11 @@ impl Endpoint {
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into())
                 }
+            }
+            // Answering at all is the proof of life: it needs neither the
+            // API server nor a synced model.
+            (Endpoint::Metrics | Endpoint::Health, "/healthz/live") => {
+                (StatusCode::OK, TEXT, "live\n".into())
             }
             (Endpoint::Admin, "/config_dump") => (
                 StatusCode::OK,

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use weir::datapath::{self, PinDir};
-use weir::run::{FailMode, Interception, RunConfig};
+use weir::model::BuildOptions;
+use weir::run::{FailMode, Interception, ModelSource, RunConfig};
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Sidecar-free service mesh node agent")]
@@ -46,9 +47,22 @@ struct RunArgs {
     /// This node's name; pods with this spec.nodeName are enrolled.
     #[arg(long, env = "NODE_NAME")]
     node: String,
-    /// Directory of Kubernetes YAML manifests, watched for changes.
-    #[arg(long, env = "WEIR_MANIFESTS")]
-    manifests: PathBuf,
+    /// Directory of Kubernetes YAML manifests, watched for changes, instead
+    /// of the Kubernetes API.
+    #[arg(long, env = "WEIR_MANIFESTS", conflicts_with_all = ["kube", "kubeconfig"])]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API [default when running in a pod].
+    #[arg(long)]
+    kube: bool,
+    /// Kubeconfig for the API [default: $KUBECONFIG, ~/.kube/config, or
+    /// the pod's service account].
+    #[arg(long, env = "WEIR_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Also enroll pods that Istio ambient would, by the label
+    /// `istio.io/dataplane-mode=ambient`. Never run weir and ztunnel on one
+    /// node.
+    #[arg(long, env = "WEIR_HONOR_ISTIO_LABELS")]
+    honor_istio_labels: bool,
     /// cgroup v2 directory to attach to [default: the cgroup2 mount].
     #[arg(long, env = "WEIR_CGROUP")]
     cgroup: Option<PathBuf>,
@@ -99,7 +113,10 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = RunConfig {
         node: args.node,
-        manifests: args.manifests,
+        source: model_source(args.manifests, args.kube, args.kubeconfig)?,
+        build: BuildOptions {
+            honor_istio_labels: args.honor_istio_labels,
+        },
         cgroup: args.cgroup,
         netns_dir: args.netns_dir,
         fail_mode: args.fail_mode,
@@ -115,6 +132,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(weir::run::run(config))
+}
+
+/// The manifests if given; otherwise the API, which needs `--kube` or a
+/// kubeconfig unless the agent runs in a pod.
+fn model_source(
+    manifests: Option<PathBuf>,
+    kube: bool,
+    kubeconfig: Option<PathBuf>,
+) -> anyhow::Result<ModelSource> {
+    let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    match manifests {
+        Some(path) => Ok(ModelSource::Manifests(path)),
+        None if kube || kubeconfig.is_some() || in_pod => Ok(ModelSource::Kube { kubeconfig }),
+        None => anyhow::bail!(
+            "no model source: give --manifests <dir>, or --kube for the Kubernetes API"
+        ),
+    }
 }
 
 fn validate(path: &std::path::Path) -> ExitCode {

@@ -22,7 +22,7 @@ use crate::datapath::{Datapath, PinDir};
 use crate::enrollment::{EnrolledPod, Enrollment, PodMaps};
 use crate::inpod::{self, NetnsFinder};
 use crate::metrics::{DatapathStats, Metrics};
-use crate::model::{self, Cluster, ManifestWatch};
+use crate::model::{self, BuildOptions, Cluster, ModelWatch};
 use crate::proxy::{Authorizer, Balancer, Connections, ProxyContext};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -43,10 +43,20 @@ pub enum Interception {
     Iptables,
 }
 
+/// Where the agent's model comes from.
+#[derive(Debug)]
+pub enum ModelSource {
+    /// A directory (or file) of manifests, watched for changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API, with this kubeconfig or the one kube-rs infers.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
 #[derive(Debug)]
 pub struct RunConfig {
     pub node: String,
-    pub manifests: PathBuf,
+    pub source: ModelSource,
+    pub build: BuildOptions,
     pub cgroup: Option<PathBuf>,
     pub netns_dir: PathBuf,
     pub fail_mode: FailMode,
@@ -83,9 +93,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
     info!(node = %config.node, cgroup = %cgroup.display(), ?start, fail_mode = ?config.fail_mode, interception = ?config.interception, "programs attached");
 
-    let manifests = model::watch(config.manifests.clone())
-        .with_context(|| format!("loading manifests from {}", config.manifests.display()))?;
-    let mut clusters = manifests.subscribe();
+    let model = match &config.source {
+        ModelSource::Manifests(path) => model::manifests::watch(path.clone(), config.build)
+            .with_context(|| format!("loading manifests from {}", path.display()))?,
+        ModelSource::Kube { kubeconfig } => {
+            let client = model::kube::client(kubeconfig.as_deref()).await?;
+            model::kube::watch(client, config.build)
+        }
+    };
+    let mut clusters = model.subscribe();
     // The proxies see each model only after the kernel's cached denials of
     // the previous one are void: this loop republishes it after the bump.
     let mut maps = datapath.maps;
@@ -130,7 +146,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         sockets: maps.sockets,
         decisions: maps.decisions,
         ready: AtomicBool::new(false),
-        manifests,
+        model,
     });
     for (endpoint, addr) in [
         (Endpoint::Metrics, config.metrics_addr),
@@ -150,6 +166,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    // Acting on a partial view would release pods that are still wanted.
+    tokio::select! {
+        () = agent.model.synced() => {}
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
+    }
     let mut retry = tokio::time::interval(RETRY);
     loop {
         let cluster = clusters.borrow_and_update().clone();
@@ -169,7 +191,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             changed = clusters.changed() => {
                 if changed.is_err() {
-                    anyhow::bail!("manifest watcher stopped");
+                    anyhow::bail!("the model source stopped");
                 }
             }
             _ = retry.tick(), if waiting > 0 => {}
@@ -203,7 +225,7 @@ struct Agent {
     sockets: SocketMap,
     decisions: DecisionCounters,
     ready: AtomicBool,
-    manifests: ManifestWatch,
+    model: ModelWatch,
 }
 
 impl Agent {
@@ -251,7 +273,7 @@ impl Agent {
                 ),
             ],
             policy_denials: self.ctx.authorizer.denials(),
-            config_rejected: self.manifests.rejected(),
+            config_rejected: self.model.rejected(),
             enrolled_pods: self.enrolled.lock().unwrap().len(),
         }
     }

@@ -52,11 +52,12 @@ pub fn agent_binary() -> Result<PathBuf> {
 }
 
 /// `weir run` for one node of a sandbox, with the agent's ports on Istio's
-/// numbers. `extra_args` come last, so they can add flags.
+/// numbers. `source` are the flags that name the model source; `extra_args`
+/// come last, so they can add flags.
 pub(crate) fn run_command(
     bin: &Path,
     node: &str,
-    manifests: &Path,
+    source: [&OsStr; 2],
     cgroup: &Path,
     netns_dir: &Path,
     extra_args: &[&str],
@@ -64,7 +65,7 @@ pub(crate) fn run_command(
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         .args([OsStr::new("--node"), OsStr::new(node)])
-        .args([OsStr::new("--manifests"), manifests.as_os_str()])
+        .args(source)
         .args([OsStr::new("--cgroup"), cgroup.as_os_str()])
         .args([OsStr::new("--netns-dir"), netns_dir.as_os_str()])
         .args(["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")])

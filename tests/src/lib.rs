@@ -28,6 +28,7 @@
 //! [`agent_binary`].
 
 mod agent;
+mod apiserver;
 mod cgroup;
 mod command;
 mod http;
@@ -39,6 +40,7 @@ mod socket;
 mod topology;
 
 pub use agent::{Agent, agent_binary};
+pub use apiserver::ApiServer;
 pub use http::{HttpResponse, http_get};
 pub use pod::{Pod, PodSpec};
 pub use prometheus::{Sample, metric_value, samples};

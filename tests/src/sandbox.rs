@@ -4,6 +4,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
@@ -318,13 +319,37 @@ impl Sandbox {
     /// `agent-<node>` cgroup, logging to `<dir>/agent-<node>.log`.
     /// `extra_args` are appended to the command line.
     pub fn start_agent(&mut self, node: NodeId, extra_args: &[&str]) -> Result<Agent> {
+        let manifests = self.manifests.dir().to_owned();
+        let source = [OsStr::new("--manifests"), manifests.as_os_str()];
+        self.spawn_agent(node, source, extra_args)
+    }
+
+    /// Like [`Sandbox::start_agent`], with the Kubernetes API source: the
+    /// agent reads the API server that `kubeconfig` names (see
+    /// [`ApiServer`](crate::ApiServer)) instead of the manifests directory.
+    pub fn start_agent_with_kubeconfig(
+        &mut self,
+        node: NodeId,
+        kubeconfig: &Path,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let source = [OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
+        self.spawn_agent(node, source, extra_args)
+    }
+
+    fn spawn_agent(
+        &mut self,
+        node: NodeId,
+        source: [&OsStr; 2],
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         let bin = agent::agent_binary()?;
         let node = &self.nodes[node.index()];
         let cgroup_dir = self.cgroup.agent_cgroup(node.name())?;
         let cmd = agent::run_command(
             &bin,
             node.name(),
-            self.manifests.dir(),
+            source,
             self.cgroup.path(),
             &self.netns_dir,
             extra_args,

@@ -78,7 +78,11 @@ impl Workload {
     }
 
     /// `namespace_labels` are those of the pod's Namespace object, if known.
-    fn from_pod(pod: &core::Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> Self {
+    fn from_pod(
+        pod: &core::Pod,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+        options: BuildOptions,
+    ) -> Self {
         let metadata = &pod.metadata;
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
@@ -104,12 +108,8 @@ impl Workload {
                 .any(|c| c.type_ == "Ready" && c.status == "True")
         };
         let host_network = spec.and_then(|spec| spec.host_network).unwrap_or(false);
-        let enrolled = !host_network
-            && !ips.is_empty()
-            && match mesh_label(Some(&labels)) {
-                Some(value) => value == MESH_ENABLED,
-                None => mesh_label(namespace_labels) == Some(MESH_ENABLED),
-            };
+        let enrolled =
+            !host_network && !ips.is_empty() && options.wants(Some(&labels), namespace_labels);
 
         let label = |key: &str| labels.get(key).cloned();
         let first_label = |keys: &[&str]| keys.iter().find_map(|key| label(key));
@@ -190,8 +190,44 @@ fn probe_ports(pod: &core::Pod) -> Vec<u16> {
     ports
 }
 
-fn mesh_label(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
-    labels?.get(MESH_LABEL).map(String::as_str)
+/// What decides enrollment besides weir's own label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Also enroll the pods Istio ambient would capture: those labelled
+    /// `istio.io/dataplane-mode=ambient`, or in a namespace so labelled,
+    /// unless the pod says `none`. For moving a cluster off ambient; weir and
+    /// ztunnel must never both run on one node.
+    pub honor_istio_labels: bool,
+}
+
+impl BuildOptions {
+    /// Whether a pod with these labels, in a namespace with these, belongs
+    /// in the mesh. The pod's own label wins over its namespace's, and
+    /// weir's label over Istio's.
+    fn wants(
+        self,
+        pod: Option<&BTreeMap<String, String>>,
+        namespace: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        let decision = |labels| {
+            let weir = label(labels, MESH_LABEL).map(|value| value == MESH_ENABLED);
+            let istio = label(labels, ISTIO_DATAPLANE_MODE_LABEL)
+                .filter(|_| self.honor_istio_labels)
+                .map(|value| value == ISTIO_AMBIENT);
+            weir.or(istio)
+        };
+        decision(pod)
+            .or_else(|| decision(namespace))
+            .unwrap_or(false)
+    }
+}
+
+/// Istio ambient's enrollment label, and its value that enrolls.
+const ISTIO_DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+const ISTIO_AMBIENT: &str = "ambient";
+
+fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels?.get(key).map(String::as_str)
 }
 
 /// The name of the pod's controller, as Istio reports it: a ReplicaSet made
@@ -357,6 +393,15 @@ impl Cluster {
     /// Failed) are left out, as their IPs may already belong to other pods.
     /// So are AuthorizationPolicies that apply to no workload.
     pub fn build<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Self {
+        Self::build_with(objects, BuildOptions::default())
+    }
+
+    /// [`Cluster::build`], with Istio's enrollment labels honoured if the
+    /// options say so.
+    pub fn build_with<'a>(
+        objects: impl IntoIterator<Item = &'a Object>,
+        options: BuildOptions,
+    ) -> Self {
         let mut namespace_labels = HashMap::new();
         let mut pods = BTreeMap::new();
         let mut services = BTreeMap::new();
@@ -400,7 +445,7 @@ impl Cluster {
             .into_iter()
             .map(|((namespace, _), pod)| {
                 let labels = namespace_labels.get(namespace).copied().flatten();
-                (pod, Workload::from_pod(pod, labels))
+                (pod, Workload::from_pod(pod, labels, options))
             })
             .collect();
         let mut workload_by_ip = HashMap::new();

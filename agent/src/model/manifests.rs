@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::event::{AccessKind, AccessMode};
-use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::watch;
 
-use super::cluster::Cluster;
+use super::cluster::{BuildOptions, Cluster};
 use super::objects::{ManifestError, ManifestWarning, Object, ObjectKey, parse_file};
+use super::source::ModelWatch;
 
 /// A manifest directory, or a single manifest file, and the last good
 /// objects of each of its files.
@@ -30,6 +31,7 @@ pub struct ManifestDir {
     /// By path, so in name order: of two definitions of an object, the one in
     /// the file with the smaller name wins.
     files: BTreeMap<PathBuf, Vec<Object>>,
+    options: BuildOptions,
 }
 
 /// What a load found besides the objects; [`LoadReport::log`] logs it.
@@ -71,7 +73,13 @@ impl ManifestDir {
         Self {
             path: path.into(),
             files: BTreeMap::new(),
+            options: BuildOptions::default(),
         }
+    }
+
+    /// The same source, building clusters with these options.
+    pub fn with_options(self, options: BuildOptions) -> Self {
+        Self { options, ..self }
     }
 
     /// Reads every manifest file again and builds the cluster from them.
@@ -101,7 +109,7 @@ impl ManifestDir {
                 .errors
                 .push(file_error(&self.path, "cannot list", &error)),
         }
-        let cluster = Cluster::build(self.unique_objects(&mut report.errors));
+        let cluster = Cluster::build_with(self.unique_objects(&mut report.errors), self.options);
         (cluster, report)
     }
 
@@ -204,43 +212,15 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// cannot hold changes back.
 const MAX_DELAY: Duration = Duration::from_secs(1);
 
-/// A watched manifest source. Dropping it stops the watching.
-#[derive(Debug)]
-pub struct ManifestWatch {
-    snapshots: watch::Receiver<Arc<Cluster>>,
-    rejected: Arc<AtomicU64>,
-    // Dropping the watcher drops its event sender, which ends the reload
-    // thread: that thread lives exactly as long as this handle.
-    _watcher: RecommendedWatcher,
-}
-
-impl ManifestWatch {
-    /// A receiver that sees a new snapshot after each change that alters the
-    /// cluster.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Cluster>> {
-        self.snapshots.clone()
-    }
-
-    /// The latest snapshot.
-    pub fn current(&self) -> Arc<Cluster> {
-        self.snapshots.borrow().clone()
-    }
-
-    /// How many times an object or file was rejected, over all loads.
-    pub fn rejected(&self) -> u64 {
-        self.rejected.load(Ordering::Relaxed)
-    }
-}
-
 /// Loads the manifests at `path` (a directory or a file), then reloads them
 /// whenever something in the directory is created, written, removed or
 /// renamed. Every load's errors and warnings are logged.
 ///
-/// The initial load is done when this returns, so [`ManifestWatch::current`]
-/// holds the initial manifests from the start. Reloads run on a thread of
+/// The initial load is done when this returns, so [`ModelWatch::current`]
+/// holds the initial manifests from the start, and the watch is synced. Reloads run on a thread of
 /// their own, so this needs no async runtime. Fails when `path` cannot be
 /// watched.
-pub fn watch(path: PathBuf) -> anyhow::Result<ManifestWatch> {
+pub fn watch(path: PathBuf, options: BuildOptions) -> anyhow::Result<ModelWatch> {
     let (event_tx, event_rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         match event {
@@ -266,7 +246,7 @@ pub fn watch(path: PathBuf) -> anyhow::Result<ManifestWatch> {
         .with_context(|| format!("watching {}", watched.display()))?;
 
     // Loaded after the watch started, so no change between the two is lost.
-    let mut source = ManifestDir::new(path);
+    let mut source = ManifestDir::new(path).with_options(options);
     let (cluster, report) = source.reload();
     report.log();
     let rejected = Arc::new(AtomicU64::new(report.errors.len() as u64));
@@ -275,11 +255,10 @@ pub fn watch(path: PathBuf) -> anyhow::Result<ManifestWatch> {
     thread::Builder::new()
         .name("weir-manifests".to_owned())
         .spawn(move || reload_on_change(source, &event_rx, &snapshot_tx, &counter))?;
-    Ok(ManifestWatch {
-        snapshots,
-        rejected,
-        _watcher: watcher,
-    })
+    // Dropping the watcher drops its event sender, which ends the reload
+    // thread: that thread lives exactly as long as the watch.
+    let (_, synced) = watch::channel(true);
+    Ok(ModelWatch::new(snapshots, synced, rejected, watcher))
 }
 
 /// Whether an event may mean that manifests changed. Opening and reading
@@ -491,7 +470,7 @@ mod tests {
     async fn watch_picks_up_new_files_renames_and_removals() {
         let dir = TempDir::new();
         dir.write("a.yaml", &pod("productpage-v1", "10.244.63.10"));
-        let watching = watch(dir.0.clone()).unwrap();
+        let watching = watch(dir.0.clone(), BuildOptions::default()).unwrap();
         assert_eq!(pod_names(&watching.current()), ["productpage-v1"]);
         let mut snapshots = watching.subscribe();
 
@@ -519,7 +498,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_watch_stops_it() {
         let dir = TempDir::new();
-        let watching = watch(dir.0.clone()).unwrap();
+        let watching = watch(dir.0.clone(), BuildOptions::default()).unwrap();
         let mut snapshots = watching.subscribe();
         drop(watching);
         // The reload thread ends, and with it the sending side.
@@ -532,7 +511,7 @@ mod tests {
         let dir = TempDir::new();
         let file = dir.0.join("mesh.yaml");
         dir.write("mesh.yaml", &pod("productpage-v1", "10.244.63.10"));
-        let watching = watch(file.clone()).unwrap();
+        let watching = watch(file.clone(), BuildOptions::default()).unwrap();
         let mut snapshots = watching.subscribe();
         for name in ["details-v1", "ratings-v1"] {
             dir.write("new.tmp", &pod(name, "10.244.63.11"));

@@ -9,14 +9,19 @@
 //!   workloads, enrollment, services and their endpoints, and authorization
 //!   policies;
 //! - [`manifests`] is the source that reads and watches a directory of
-//!   manifests, and backs `weir validate`.
+//!   manifests, and backs `weir validate`;
+//! - [`kube`] is the source that lists and watches the Kubernetes API;
+//! - [`source`] is what either source hands the agent.
 
 pub mod cluster;
+pub mod kube;
 pub mod manifests;
 pub mod objects;
+pub mod source;
 
-pub use cluster::{Cluster, Endpoint, Service, ServicePort, Workload, WorkloadKey};
-pub use manifests::{LoadReport, ManifestDir, ManifestWatch, validate, watch};
+pub use cluster::{BuildOptions, Cluster, Endpoint, Service, ServicePort, Workload, WorkloadKey};
+pub use manifests::{LoadReport, ManifestDir, validate};
 pub use objects::{
     FieldError, ManifestError, ManifestWarning, Object, ObjectKey, ParsedFile, parse_file,
 };
+pub use source::ModelWatch;

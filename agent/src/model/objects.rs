@@ -312,7 +312,11 @@ fn required_str(value: &Value, field: &str) -> Result<String, FieldError> {
 impl Object {
     /// Decodes a document of the given apiVersion and kind, or returns None
     /// when weir does not handle that kind.
-    fn decode(api_version: &str, kind: &str, value: Value) -> Result<Option<Self>, FieldError> {
+    pub(crate) fn decode(
+        api_version: &str,
+        kind: &str,
+        value: Value,
+    ) -> Result<Option<Self>, FieldError> {
         let mut object = match (api_version, kind) {
             ("v1", "Namespace") => Object::Namespace(from_value(value)?),
             ("v1", "Pod") => Object::Pod(from_value(value)?),
