@@ -739,6 +739,54 @@ mod tests {
     }
 
     #[test]
+    fn istio_labels_enroll_only_when_honoured_and_weir_labels_win() {
+        let labels = |text: &str| -> BTreeMap<String, String> {
+            text.split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap();
+                    (key.to_owned(), value.to_owned())
+                })
+                .collect()
+        };
+        let honoured = BuildOptions {
+            honor_istio_labels: true,
+        };
+        let ambient = "istio.io/dataplane-mode=ambient";
+        let none = "istio.io/dataplane-mode=none";
+        // (pod labels, namespace labels, default, honoured)
+        let cases = [
+            ("", ambient, false, true),
+            (ambient, "", false, true),
+            (none, ambient, false, false),
+            ("weir.dev/mesh=disabled", ambient, false, false),
+            (&format!("weir.dev/mesh=enabled,{none}"), "", true, true),
+            (
+                "",
+                &format!("weir.dev/mesh=disabled,{ambient}"),
+                false,
+                false,
+            ),
+            (none, "weir.dev/mesh=enabled", true, false),
+            ("", "", false, false),
+        ];
+        for (pod, namespace, default, honour) in cases {
+            let (pod, namespace) = (labels(pod), labels(namespace));
+            let wants = |options: BuildOptions| options.wants(Some(&pod), Some(&namespace));
+            assert_eq!(
+                wants(BuildOptions::default()),
+                default,
+                "{pod:?} in {namespace:?}"
+            );
+            assert_eq!(
+                wants(honoured),
+                honour,
+                "honoured: {pod:?} in {namespace:?}"
+            );
+        }
+    }
+
+    #[test]
     fn pod_label_enrolls_but_never_host_network_or_without_ip() {
         let pod = |name: &str, labels: &str, extra_spec: &str, status: &str| {
             format!(

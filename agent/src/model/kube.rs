@@ -422,3 +422,75 @@ fn trim(mut pod: Pod) -> Pod {
     }
     pod
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde::Deserialize as _;
+
+    use super::*;
+
+    fn typed<K: k8s_openapi::Resource>() -> (&'static str, &'static str, &'static str, &'static str)
+    {
+        (K::GROUP, K::VERSION, K::KIND, K::URL_PATH_SEGMENT)
+    }
+
+    fn named(kind: WatchedKind) -> (&'static str, &'static str, &'static str, &'static str) {
+        (kind.group, kind.version, kind.kind, kind.plural)
+    }
+
+    #[test]
+    fn watched_kinds_name_the_types_they_decode_into() {
+        assert_eq!(named(NAMESPACES), typed::<Namespace>());
+        assert_eq!(named(PODS), typed::<Pod>());
+        assert_eq!(named(SERVICES), typed::<Service>());
+        assert_eq!(named(ENDPOINT_SLICES), typed::<EndpointSlice>());
+        assert_eq!(AUTHORIZATION_POLICIES.api_version(), "security.istio.io/v1");
+    }
+
+    /// The DaemonSet's ClusterRole grants exactly what the source calls:
+    /// get, list and watch on each watched kind, and nothing else.
+    #[test]
+    fn cluster_role_covers_every_watched_kind_and_no_more() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../daemonset/rbac.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let role = serde_yaml::Deserializer::from_str(&text)
+            .map(|document| serde_yaml::Value::deserialize(document).unwrap())
+            .find(|document| {
+                document["kind"] == "ClusterRole" && document["metadata"]["name"] == "weir"
+            })
+            .expect("no ClusterRole weir in daemonset/rbac.yaml");
+        let strings = |value: &serde_yaml::Value| -> Vec<String> {
+            value
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|item| item.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let mut granted = BTreeSet::new();
+        for rule in role["rules"].as_sequence().unwrap() {
+            for group in strings(&rule["apiGroups"]) {
+                for resource in strings(&rule["resources"]) {
+                    for verb in strings(&rule["verbs"]) {
+                        granted.insert((group.clone(), resource.clone(), verb));
+                    }
+                }
+            }
+        }
+        let needed: BTreeSet<(String, String, String)> = WATCHED
+            .iter()
+            .flat_map(|kind| {
+                ["get", "list", "watch"].map(|verb| {
+                    (
+                        kind.group.to_owned(),
+                        kind.plural.to_owned(),
+                        verb.to_owned(),
+                    )
+                })
+            })
+            .collect();
+        assert_eq!(granted, needed);
+    }
+}
