@@ -5,13 +5,15 @@
 //! The data path, in the order a connection meets it:
 //! - `datapath`: the eBPF programs and their maps (connect4/6 redirect);
 //! - `enrollment`: which pods are redirected, kept in step with `model`;
-//! - `inpod`: per-pod socket factories inside each pod's namespace;
+//! - `inpod`: per-pod socket factories inside each pod's namespace, and
+//!   finding that namespace (`cni`: the CNI plugin names it at pod creation);
 //! - `proxy`: the outbound listener, destination choice and byte copying;
 //! - `policy`: Istio's AuthorizationPolicy, decided per connection;
 //! - `metrics` and `admin`: what the agent reports.
 
 pub mod admin;
 pub mod cgroup;
+pub mod cni;
 pub mod datapath;
 pub mod enrollment;
 pub mod inpod;

@@ -69,6 +69,10 @@ struct RunArgs {
     /// Directory of network namespace files searched for pod IPs.
     #[arg(long, env = "WEIR_NETNS_DIR", default_value = "/var/run/netns")]
     netns_dir: PathBuf,
+    /// Unix socket the weir-cni plugin reaches the agent on; no CNI server
+    /// without it.
+    #[arg(long, env = "WEIR_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
     /// What enrolled pods get while no agent runs.
     #[arg(long, env = "WEIR_FAIL_MODE", value_enum, default_value_t = FailMode::Open)]
     fail_mode: FailMode,
@@ -119,6 +123,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         cgroup: args.cgroup,
         netns_dir: args.netns_dir,
+        cni_socket: args.cni_socket,
         fail_mode: args.fail_mode,
         interception: args.interception,
         metrics_addr: args.metrics_addr,

@@ -17,6 +17,7 @@ use weir_common::{
 
 use crate::admin::{self, AgentView, Endpoint};
 use crate::cgroup;
+use crate::cni::Cni;
 use crate::datapath::maps::{DecisionCounters, SettingsMap, SocketMap};
 use crate::datapath::{Datapath, PinDir};
 use crate::enrollment::{EnrolledPod, Enrollment, PodMaps};
@@ -59,6 +60,8 @@ pub struct RunConfig {
     pub build: BuildOptions,
     pub cgroup: Option<PathBuf>,
     pub netns_dir: PathBuf,
+    /// Where the CNI plugin reaches the agent; no server without it.
+    pub cni_socket: Option<PathBuf>,
     pub fail_mode: FailMode,
     pub interception: Interception,
     pub metrics_addr: SocketAddr,
@@ -164,6 +167,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         });
     }
 
+    let mut cni = match &config.cni_socket {
+        Some(path) => Cni::listen(path, config.node.clone())
+            .with_context(|| format!("listening for the CNI plugin on {}", path.display()))?,
+        None => Cni::disabled(config.node.clone()),
+    };
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     // Acting on a partial view would release pods that are still wanted.
@@ -181,6 +189,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             published.send_replace(cluster.clone());
         }
         let waiting = enrollment.reconcile(&cluster).await;
+        cni.settle(&cluster, &enrollment);
         ctx.metrics.retain_known(&cluster);
         if !agent.ready.swap(true, Relaxed) {
             info!(
@@ -195,11 +204,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 }
             }
             _ = retry.tick(), if waiting > 0 => {}
+            event = cni.next() => cni.handle(event, &mut enrollment),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
 
+    drop(cni);
     // Drain: stop accepting, let live connections finish, keep the pins so
     // that the next agent takes over the same programs and links.
     agent.ready.store(false, Relaxed);
