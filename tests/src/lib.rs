@@ -42,7 +42,7 @@ mod topology;
 pub use agent::{Agent, agent_binary};
 pub use apiserver::ApiServer;
 pub use http::{HttpResponse, http_get};
-pub use pod::{Pod, PodSpec};
+pub use pod::{Pause, Pod, PodSpec};
 pub use prometheus::{Sample, metric_value, samples};
 pub use sandbox::{Sandbox, SandboxOptions, unique_tag};
 pub use topology::{Addressing, Node, NodeId};

@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use weir::netns::NetNs;
@@ -152,11 +155,52 @@ impl Pod {
         socket::connect(&self.netns, addr)
     }
 
+    /// Starts a process that lives in the pod's namespace, as a pod's pause
+    /// container does, so that the pod can be found from the node's
+    /// processes. It is killed when the handle drops, which must be before
+    /// the sandbox drops (declare it after the sandbox).
+    pub fn spawn_pause(&self) -> io::Result<Pause> {
+        let netns_fd = self.netns.file().as_raw_fd();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: between fork and exec the child only makes one system
+        // call, on a descriptor that `self` keeps open.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(Pause(cmd.spawn()?))
+    }
+
     /// Connects from inside the pod from an IPv6 socket to the IPv4-mapped
     /// form of `addr`, `::ffff:a.b.c.d`, as a dual-stack client does; the
     /// eBPF side sees this in connect6, not connect4.
     pub fn connect_v6(&self, addr: SocketAddrV4) -> io::Result<TcpStream> {
         let mapped = SocketAddrV6::new(addr.ip().to_ipv6_mapped(), addr.port(), 0, 0);
         socket::connect(&self.netns, mapped.into())
+    }
+}
+
+/// A process in a pod's namespace; killed and reaped on drop.
+#[derive(Debug)]
+pub struct Pause(Child);
+
+impl Pause {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -98,9 +98,20 @@ fn main() -> anyhow::Result<()> {
 
 /// Builds the agent, whose build script builds and embeds the eBPF object.
 fn build_agent() -> anyhow::Result<()> {
-    cargo(&["build", "--package", "weir", "--bins"], &[])?;
+    // The CNI tests run weir-cni from beside weir, as a runtime would.
+    cargo(
+        &[
+            "build",
+            "--package",
+            "weir",
+            "--package",
+            "weir-cni",
+            "--bins",
+        ],
+        &[],
+    )?;
     println!(
-        "built {}",
+        "built {} and weir-cni",
         workspace_root().join("target/debug/weir").display()
     );
     Ok(())
