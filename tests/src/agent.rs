@@ -190,6 +190,13 @@ impl Agent {
         }
     }
 
+    /// The HTTP status of a probe path (`/healthz/ready`, `/healthz/live`)
+    /// on the metrics port, where the DaemonSet's kubelet probes go.
+    pub fn probe(&self, path: &str) -> Result<u16> {
+        let addr = SocketAddr::from((self.node_ip, METRICS_PORT));
+        Ok(http_get(&self.netns, addr, path)?.status)
+    }
+
     /// `GET /metrics` on the node's address, in Prometheus text format.
     pub fn metrics(&self) -> Result<String> {
         self.get_ok(SocketAddr::from((self.node_ip, METRICS_PORT)), "/metrics")

@@ -398,4 +398,77 @@ fn api_source_gives_the_same_interception_and_config_dump_as_manifests() {
     );
     let log = by_api.log().unwrap();
     assert!(log.contains("Kubernetes API synced"), "{log}");
+
+    // A pod deleted from the API is released at once.
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "shop", "name": "client"}});
+    api.delete(&pod).unwrap();
+    wait_until("the deleted pod released", || {
+        by_api.config_dump().unwrap()["enrolled"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let stream = client.connect(server.addr(ECHO)).unwrap();
+    assert!(!redirected(&stream), "a released pod is still redirected");
+}
+
+/// Until the API has been listed in full the agent is live but not ready,
+/// and acts on nothing: a pod enrolled by an earlier agent stays enrolled,
+/// in its fail mode, rather than being released.
+#[test]
+fn agent_is_live_but_not_ready_until_the_api_answers() {
+    let mut sb = Sandbox::new(SandboxOptions::for_test("kube-ready")).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("client", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "client"),
+        )
+        .unwrap();
+    let server = sb
+        .add_pod(PodSpec::new("server", NodeId::Xuegod64).ports(&[("echo", ECHO)]))
+        .unwrap();
+    serve_echo(&server);
+    let closed = ["--fail-mode", "closed"];
+    let first = sb.start_agent(NodeId::Xuegod63, &closed).unwrap();
+    first.wait_ready(SYNC).unwrap();
+    first.sigterm().unwrap();
+    first.wait_timeout(SYNC).unwrap();
+
+    let api = ApiServer::new();
+    api.apply_dir(sb.manifests_dir()).unwrap();
+    api.set_unavailable(true);
+    let addr = api.listen(Some(sb.node(NodeId::Xuegod63).netns())).unwrap();
+    let kubeconfig = sb.dir().join("kubeconfig");
+    ApiServer::write_kubeconfig(addr, &kubeconfig).unwrap();
+    let agent = sb
+        .start_agent_with_kubeconfig(NodeId::Xuegod63, &kubeconfig, &closed)
+        .unwrap();
+    wait_until("the agent answers its liveness probe", || {
+        agent
+            .probe("/healthz/live")
+            .is_ok_and(|status| status == 200)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.probe("/healthz/ready").unwrap(), 503);
+    // The pod is still in the mesh, with no listener yet: fail closed. Had
+    // the agent acted on its empty view, the pod would connect directly.
+    let refused = client.connect(server.addr(ECHO)).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::PermissionDenied,
+        "{refused}"
+    );
+    assert!(
+        api.requests()
+            .iter()
+            .any(|line| line.starts_with("GET /api/v1/"))
+    );
+
+    api.set_unavailable(false);
+    agent.wait_ready(SYNC).unwrap();
+    let mut stream = client
+        .connect(server.addr(ECHO))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log().unwrap()));
+    assert!(redirected(&stream));
+    assert_eq!(echo(&mut stream, b"after sync").unwrap().server, "server");
 }
