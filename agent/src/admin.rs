@@ -13,7 +13,7 @@ use hyper::{
     Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::{debug, info};
 
 /// What the endpoints read from the running agent.
@@ -62,9 +62,19 @@ impl Endpoint {
     }
 }
 
-/// Binds an endpoint's address; a port already taken fails the start.
+/// Binds an endpoint's address. SO_REUSEPORT lets a DaemonSet's surge pod
+/// start while the agent it replaces still serves: both run in the host's
+/// network namespace. A port held by anything else fails the start.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
 }
 
 /// Serves `endpoint` on `listener` until the task is dropped.

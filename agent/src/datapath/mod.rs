@@ -369,10 +369,17 @@ fn build_id() -> u64 {
 fn mount_bpffs() -> Result<(), DatapathError> {
     let mounts = fs::read_to_string("/proc/self/mounts")
         .map_err(io_err("reading", Path::new("/proc/self/mounts")))?;
-    if mounts
+    // The last mount on the path is the one in effect. A container's
+    // hostPath of a host without bpffs shows sysfs there: not good enough.
+    let fs_type = mounts
         .lines()
-        .any(|line| line.split(' ').nth(1) == Some("/sys/fs/bpf"))
-    {
+        .filter_map(|line| {
+            let mut fields = line.split(' ').skip(1);
+            (fields.next() == Some("/sys/fs/bpf")).then(|| fields.next())
+        })
+        .next_back()
+        .flatten();
+    if fs_type == Some("bpf") {
         return Ok(());
     }
     warn!("bpffs is not mounted on /sys/fs/bpf; mounting it");
