@@ -45,6 +45,15 @@ struct Api {
 
 impl Api {
     fn start(name: &str, prepare: impl FnOnce(&ApiServer), options: BuildOptions) -> Api {
+        Api::start_with(name, prepare, options, KubeconfigBy::Flag)
+    }
+
+    fn start_with(
+        name: &str,
+        prepare: impl FnOnce(&ApiServer),
+        options: BuildOptions,
+        by: KubeconfigBy,
+    ) -> Api {
         let server = ApiServer::new();
         for object in fixture() {
             server.apply(object).unwrap();
@@ -54,10 +63,17 @@ impl Api {
         let kubeconfig = TempFile::new(name);
         ApiServer::write_kubeconfig(addr, &kubeconfig.0).unwrap();
         let runtime = tokio::runtime::Runtime::new().unwrap();
+        let flag = match by {
+            KubeconfigBy::Flag => Some(kubeconfig.0.as_path()),
+            KubeconfigBy::Env => {
+                // SAFETY: nextest runs each test in a process of its own,
+                // and no other thread of this one reads the environment yet.
+                unsafe { std::env::set_var("KUBECONFIG", &kubeconfig.0) };
+                None
+            }
+        };
         let watch = runtime.block_on(async {
-            let client = weir::model::kube::client(Some(&kubeconfig.0))
-                .await
-                .unwrap();
+            let client = weir::model::kube::client(flag).await.unwrap();
             weir::model::kube::watch(client, options)
         });
         Api {
@@ -86,6 +102,13 @@ impl Api {
     fn wait_for(&self, what: &str, condition: impl Fn(&Cluster) -> bool) {
         wait_until(what, || condition(&self.cluster()));
     }
+}
+
+/// How the source is told where the API server is: `--kubeconfig`, or the
+/// `KUBECONFIG` variable that kube-rs reads when no file is given.
+enum KubeconfigBy {
+    Flag,
+    Env,
 }
 
 struct TempFile(PathBuf);
@@ -169,6 +192,13 @@ fn recorded_objects_build_the_same_model_as_manifests() {
             })
         });
     }
+}
+
+#[test]
+fn kubeconfig_from_the_environment_is_used_when_none_is_given() {
+    let api = Api::start_with("env", |_| {}, BuildOptions::default(), KubeconfigBy::Env);
+    assert!(api.synced(SYNC), "never synced");
+    assert_eq!(api.cluster().workloads().len(), 3);
 }
 
 #[test]
