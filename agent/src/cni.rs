@@ -15,7 +15,7 @@
 //! reconcile pass, so that hints and enrollment stay in one place.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -65,7 +65,7 @@ pub struct Cni {
     node: String,
     requests: Option<mpsc::Receiver<Incoming>>,
     pending: Vec<Pending>,
-    server: Option<(PathBuf, JoinHandle<()>)>,
+    server: Option<(SocketFile, JoinHandle<()>)>,
 }
 
 impl Cni {
@@ -101,7 +101,7 @@ impl Cni {
             node,
             requests: Some(receiver),
             pending: Vec::new(),
-            server: Some((path.to_path_buf(), task)),
+            server: Some((SocketFile::of(path)?, task)),
         })
     }
 
@@ -218,9 +218,35 @@ impl Drop for Cni {
     /// agent at once and follow their fail mode. Requests still waiting get
     /// an error when their senders go with `pending`.
     fn drop(&mut self) {
-        if let Some((path, task)) = self.server.take() {
+        if let Some((socket, task)) = self.server.take() {
             task.abort();
-            let _ = std::fs::remove_file(&path);
+            socket.remove();
+        }
+    }
+}
+
+/// The socket file this agent bound. During a rolling update the next
+/// agent binds its own at the same path before this one stops, so only the
+/// file that is still this agent's own is removed.
+struct SocketFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    fn of(path: &Path) -> io::Result<SocketFile> {
+        let metadata = std::fs::metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            id: (metadata.dev(), metadata.ino()),
+        })
+    }
+
+    fn remove(self) {
+        let ours = std::fs::metadata(&self.path)
+            .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == self.id);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
@@ -266,4 +292,34 @@ async fn exchange(stream: UnixStream, requests: mpsc::Sender<Incoming>) -> io::R
     };
     write.write_all(&protocol::encode(&reply)).await?;
     write.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    #[test]
+    fn a_socket_file_replaced_by_the_next_agent_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("weir-cni-socket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cni.sock");
+        let _ = std::fs::remove_file(&path);
+
+        let _old = UnixListener::bind(&path).unwrap();
+        let old = SocketFile::of(&path).unwrap();
+        // The next agent removes the file and binds its own.
+        std::fs::remove_file(&path).unwrap();
+        let _new = UnixListener::bind(&path).unwrap();
+        old.remove();
+        assert!(
+            path.exists(),
+            "the old agent removed the new agent's socket"
+        );
+
+        SocketFile::of(&path).unwrap().remove();
+        assert!(!path.exists(), "an agent left its own socket behind");
+        std::fs::remove_dir(&dir).unwrap();
+    }
 }
