@@ -58,6 +58,17 @@ impl WatchedKind {
         }
     }
 
+    /// The kind as a dynamic resource, for Istio's CRDs.
+    fn resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.group.to_owned(),
+            version: self.version.to_owned(),
+            api_version: self.api_version(),
+            kind: self.kind.to_owned(),
+            plural: self.plural.to_owned(),
+        }
+    }
+
     fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.to_owned()
@@ -145,15 +156,8 @@ pub fn watch(client: Client, options: BuildOptions) -> ModelWatch {
         ENDPOINT_SLICES,
         reflectors.clone(),
     ));
-    let resource = ApiResource {
-        group: AUTHORIZATION_POLICIES.group.to_owned(),
-        version: AUTHORIZATION_POLICIES.version.to_owned(),
-        api_version: AUTHORIZATION_POLICIES.api_version(),
-        kind: AUTHORIZATION_POLICIES.kind.to_owned(),
-        plural: AUTHORIZATION_POLICIES.plural.to_owned(),
-    };
     tasks.spawn(reflect(
-        Api::<DynamicObject>::all_with(client, &resource),
+        Api::<DynamicObject>::all_with(client, &AUTHORIZATION_POLICIES.resource()),
         AUTHORIZATION_POLICIES,
         reflectors.clone(),
     ));
@@ -186,16 +190,8 @@ pub fn watch(client: Client, options: BuildOptions) -> ModelWatch {
             }
         }
     });
-    ModelWatch::new(snapshots, synced, rejected, AbortOnDrop(tasks))
-}
-
-/// Dropping the watch ends its tasks.
-struct AbortOnDrop(JoinSet<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort_all();
-    }
+    // Dropping the JoinSet, with the watch, aborts its tasks.
+    ModelWatch::new(snapshots, synced, rejected, tasks)
 }
 
 /// The last good objects of every kind, shared by the watch tasks.
