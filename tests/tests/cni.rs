@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ECHO, echo, metric, redirected, serve_echo};
+use common::{ECHO, echo, enrolled_pod, meshed, metric, redirected, serve_echo};
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions};
 
 /// `weir-cni`: `$WEIR_CNI_BIN`, or beside the `weir` binary the sandbox
@@ -114,15 +114,6 @@ fn cni_error(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(output)))
 }
 
-fn enrolled(agent: &Agent, name: &str) -> Option<serde_json::Value> {
-    agent.config_dump().unwrap()["enrolled"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|pod| pod["name"] == name)
-        .cloned()
-}
-
 struct Node {
     _sb: Sandbox,
     agent: Agent,
@@ -137,13 +128,7 @@ struct Node {
 
 fn node(test: &str) -> Node {
     let mut sb = Sandbox::new(SandboxOptions::for_test(test)).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let plain = sb
         .add_pod(PodSpec::new("plain", NodeId::Xuegod63).label("app", "plain"))
         .unwrap();
@@ -221,7 +206,7 @@ fn add_enrolls_the_pod_before_it_returns() {
         ],
     );
     assert_eq!(opened, 1.0);
-    let pod = enrolled(&n.agent, "client").unwrap();
+    let pod = enrolled_pod(&n.agent, "client").unwrap();
     assert_eq!(pod["found_by"], "cni", "{pod}");
 
     let check = call("CHECK").run();

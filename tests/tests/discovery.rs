@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ECHO, echo, metric, redirected, serve_echo, wait_until};
+use common::{ECHO, echo, enrolled_pod, meshed, metric, redirected, serve_echo, wait_until};
 use weir::netns::NsId;
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions};
 
@@ -28,13 +28,7 @@ struct Cluster {
 
 fn cluster(test: &str) -> Cluster {
     let mut sb = Sandbox::new(SandboxOptions::for_test(test)).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let server = sb
         .add_pod(
             PodSpec::new("server", NodeId::Xuegod64)
@@ -52,17 +46,6 @@ fn hide_namespaces(sb: &Sandbox, pods: &[&Pod]) {
         fs::remove_file(sb.netns_dir().join(pod.netns_name())).unwrap();
     }
     assert_eq!(fs::read_dir(sb.netns_dir()).unwrap().count(), 0);
-}
-
-/// The enrolled pod `name` as `/config_dump` shows it.
-fn enrolled(agent: &Agent, name: &str) -> Option<serde_json::Value> {
-    let dump = agent.config_dump().unwrap();
-    dump["enrolled"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|pod| pod["name"] == name)
-        .cloned()
 }
 
 fn opened(agent: &Agent) -> f64 {
@@ -86,7 +69,7 @@ fn pod_is_found_from_a_process_in_its_namespace() {
     let target = c.server.addr(ECHO);
 
     // Nothing in the pod yet: no file, no process, nothing to find it by.
-    assert!(enrolled(&agent, "client").is_none());
+    assert!(enrolled_pod(&agent, "client").is_none());
     let stream = c.client.connect(target).unwrap();
     assert!(
         !redirected(&stream),
@@ -97,9 +80,9 @@ fn pod_is_found_from_a_process_in_its_namespace() {
     let pause = c.client.spawn_pause().unwrap();
     // Waiting pods are looked for again each second.
     wait_until("the pod is found by its process", || {
-        enrolled(&agent, "client").is_some()
+        enrolled_pod(&agent, "client").is_some()
     });
-    let pod = enrolled(&agent, "client").unwrap();
+    let pod = enrolled_pod(&agent, "client").unwrap();
     assert_eq!(pod["found_by"], "process", "{pod}");
     // Not the process's /proc entry, which goes with the process: the
     // agent's own descriptor.
@@ -129,7 +112,7 @@ fn pod_is_found_from_a_process_in_its_namespace() {
     let removed = Instant::now();
     sb.remove_manifest("pod-default-client.yaml").unwrap();
     wait_until("the pod is released", || {
-        enrolled(&agent, "client").is_none()
+        enrolled_pod(&agent, "client").is_none()
     });
     eprintln!("released {:?} after the manifest went", removed.elapsed());
     let stream = c.client.connect(target).unwrap();
@@ -144,7 +127,7 @@ fn a_netns_dir_file_is_preferred_to_a_process() {
     let _pause = c.client.spawn_pause().unwrap();
     let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
-    let pod = enrolled(&agent, "client").expect("enrolled at start");
+    let pod = enrolled_pod(&agent, "client").expect("enrolled at start");
     assert_eq!(pod["found_by"], "netns_dir", "{pod}");
     assert_eq!(
         pod["netns"].as_str().unwrap(),
@@ -166,7 +149,7 @@ fn iptables_mode_uses_the_recorded_path() {
         .unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     wait_until("the pod is found by its process", || {
-        enrolled(&agent, "client").is_some()
+        enrolled_pod(&agent, "client").is_some()
     });
     drop(pause);
     let target = c.server.addr(ECHO);

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ECHO, echo, metric, redirected, serve_echo, wait_until};
+use common::{ECHO, echo, meshed, metric, redirected, serve_echo, wait_until};
 use serde_json::{Value, json};
 use weir::model::kube::WATCHED;
 use weir::model::{BuildOptions, Cluster, ModelWatch, WorkloadKey};
@@ -447,13 +447,7 @@ fn api_source_gives_the_same_interception_and_config_dump_as_manifests() {
 #[test]
 fn agent_is_live_but_not_ready_until_the_api_answers() {
     let mut sb = Sandbox::new(SandboxOptions::for_test("kube-ready")).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let server = sb
         .add_pod(PodSpec::new("server", NodeId::Xuegod64).ports(&[("echo", ECHO)]))
         .unwrap();

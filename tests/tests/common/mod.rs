@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use weir_sandbox::{Agent, Pod, metric_value};
+use weir_sandbox::{Agent, NodeId, Pod, PodSpec, metric_value};
 
 /// Port of the echo servers: they read until the client half-closes, then
 /// answer with a line "<server pod> <peer address it saw>", then the bytes.
@@ -107,6 +107,23 @@ pub fn promtool_check(text: &str) -> std::process::Output {
         .write_all(text.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// An enrolled pod, labelled `app: <name>`.
+pub fn meshed(name: &str, node: NodeId) -> PodSpec {
+    PodSpec::new(name, node)
+        .label("weir.dev/mesh", "enabled")
+        .label("app", name)
+}
+
+/// The enrolled pod `name` as the agent's `/config_dump` shows it.
+pub fn enrolled_pod(agent: &Agent, name: &str) -> Option<serde_json::Value> {
+    agent.config_dump().unwrap()["enrolled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|pod| pod["name"] == name)
+        .cloned()
 }
 
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
