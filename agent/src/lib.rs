@@ -9,6 +9,8 @@
 //!   finding that namespace (`cni`: the CNI plugin names it at pod creation);
 //! - `proxy`: the outbound listener, destination choice and byte copying;
 //! - `policy`: Istio's AuthorizationPolicy, decided per connection;
+//! - `routing`: Istio's VirtualService and DestinationRule, applied per
+//!   HTTP request by `proxy::http`;
 //! - `metrics` and `admin`: what the agent reports.
 
 pub mod admin;
@@ -23,4 +25,5 @@ pub mod model;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod routing;
 pub mod run;

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::model::{Cluster, Workload};
 
+pub mod http;
+
 const UNKNOWN: &str = "unknown";
 
 /// One peer's half of the label set.
@@ -155,6 +157,8 @@ pub struct DatapathStats {
 #[derive(Debug, Default)]
 pub struct Metrics {
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
+    /// Requests on HTTP ports (`proxy::http`).
+    pub http: http::HttpMetrics,
 }
 
 impl Metrics {
@@ -217,6 +221,7 @@ impl Metrics {
             }
         }
         drop(tcp);
+        self.http.render(&mut out);
 
         header(
             &mut out,

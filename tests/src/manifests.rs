@@ -110,6 +110,7 @@ pub(crate) fn pod(spec: &PodSpec, ip: Ipv4Addr, node_name: &str, host_ip: Ipv4Ad
 }
 
 pub(crate) fn service(
+    port_name: &str,
     name: &str,
     namespace: &str,
     cluster_ip: Ipv4Addr,
@@ -126,7 +127,7 @@ pub(crate) fn service(
             "clusterIP": cluster_ip.to_string(),
             "clusterIPs": [cluster_ip.to_string()],
             "selector": string_map(selector),
-            "ports": [{ "name": "http", "port": port, "targetPort": target_port, "protocol": "TCP" }],
+            "ports": [{ "name": port_name, "port": port, "targetPort": target_port, "protocol": "TCP" }],
         },
     })
 }

@@ -288,7 +288,8 @@ impl Sandbox {
         )
     }
 
-    /// Writes a ClusterIP Service with one TCP port named `http`.
+    /// Writes a ClusterIP Service with one TCP port named `tcp`, which the
+    /// proxy forwards at L4.
     pub fn add_service(
         &mut self,
         name: &str,
@@ -298,8 +299,56 @@ impl Sandbox {
         target_port: u16,
         selector: &[(&str, &str)],
     ) -> Result<()> {
+        self.write_service(
+            "tcp",
+            name,
+            namespace,
+            cluster_ip,
+            (port, target_port),
+            selector,
+        )
+    }
+
+    /// Writes a ClusterIP Service with one TCP port named `http`, which the
+    /// proxy serves as HTTP, with VirtualService routes.
+    pub fn add_http_service(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        cluster_ip: Ipv4Addr,
+        port: u16,
+        target_port: u16,
+        selector: &[(&str, &str)],
+    ) -> Result<()> {
+        self.write_service(
+            "http",
+            name,
+            namespace,
+            cluster_ip,
+            (port, target_port),
+            selector,
+        )
+    }
+
+    fn write_service(
+        &mut self,
+        port_name: &str,
+        name: &str,
+        namespace: &str,
+        cluster_ip: Ipv4Addr,
+        (port, target_port): (u16, u16),
+        selector: &[(&str, &str)],
+    ) -> Result<()> {
         self.ensure_namespace(namespace)?;
-        let service = manifests::service(name, namespace, cluster_ip, port, target_port, selector);
+        let service = manifests::service(
+            port_name,
+            name,
+            namespace,
+            cluster_ip,
+            port,
+            target_port,
+            selector,
+        );
         self.manifests
             .write_object(&manifests::service_file(namespace, name), &service)
     }

@@ -17,6 +17,7 @@ use super::objects::{
     SERVICE_NAME_LABEL, excluded_cidrs, excluded_ports,
 };
 use crate::policy::AuthorizationPolicy;
+use crate::routing::{self, DestinationRule, VirtualService};
 
 /// Namespace and name of a pod.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -373,6 +374,13 @@ pub struct Cluster {
     services: Vec<Service>,
     /// Sorted by namespace and name.
     policies: Vec<AuthorizationPolicy>,
+    /// VirtualServices for mesh traffic, sorted by namespace and name.
+    virtual_services: Vec<VirtualService>,
+    /// Sorted by namespace and name.
+    destination_rules: Vec<DestinationRule>,
+    /// Rules that cannot apply as written, such as http routes for a port
+    /// that is not HTTP.
+    routing_warnings: Vec<RoutingWarning>,
     /// Index into `workloads`, for pods that own their IPs (not hostNetwork).
     #[serde(skip)]
     workload_by_ip: HashMap<IpAddr, usize>,
@@ -407,6 +415,8 @@ impl Cluster {
         let mut services = BTreeMap::new();
         let mut policies: Vec<AuthorizationPolicy> = Vec::new();
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        let mut virtual_services = Vec::new();
+        let mut destination_rules = Vec::new();
         for object in objects {
             let metadata = object.metadata();
             let namespace = metadata.namespace.as_deref().unwrap_or_default();
@@ -436,6 +446,13 @@ impl Cluster {
                     // Sources reject invalid policies before they get here.
                     let translation = policy.translate().ok();
                     policies.extend(translation.and_then(|translation| translation.policy));
+                }
+                // Sources reject invalid rules before they get here.
+                Object::VirtualService(service) => {
+                    virtual_services.extend(service.translate().ok().map(|t| t.value));
+                }
+                Object::DestinationRule(rule) => {
+                    destination_rules.extend(rule.translate().ok().map(|t| t.value));
                 }
             }
         }
@@ -485,10 +502,17 @@ impl Cluster {
             }
         }
 
+        let key = |namespace: &String, name: &String| (namespace.clone(), name.clone());
+        virtual_services.sort_by_key(|vs: &VirtualService| key(&vs.namespace, &vs.name));
+        destination_rules.sort_by_key(|dr: &DestinationRule| key(&dr.namespace, &dr.name));
+        let routing_warnings = routing_warnings(&virtual_services, &services);
         Self {
             workloads,
             services,
             policies,
+            virtual_services,
+            destination_rules,
+            routing_warnings,
             workload_by_ip,
             service_by_addr,
             service_by_endpoint,
@@ -570,6 +594,110 @@ impl Cluster {
         let service = &self.services[service_index];
         Some((service, &service.ports[port_index]))
     }
+}
+
+impl Cluster {
+    /// The Service whose name is `hostname`
+    /// (`<name>.<namespace>.svc.cluster.local`).
+    pub fn service_by_hostname(&self, hostname: &str) -> Option<&Service> {
+        let mut parts = hostname.split('.');
+        let (name, namespace) = (parts.next()?, parts.next()?);
+        if parts.collect::<Vec<_>>() != ["svc", "cluster", "local"] {
+            return None;
+        }
+        self.services
+            .iter()
+            .find(|service| service.name == name && service.namespace == namespace)
+    }
+
+    /// The VirtualService for mesh traffic to `hostname`. Istio allows one
+    /// per host; of several, the first by namespace and name is used.
+    pub fn virtual_service_for(&self, hostname: &str) -> Option<&VirtualService> {
+        self.virtual_services
+            .iter()
+            .find(|vs| vs.mesh && vs.hosts.iter().any(|host| host == hostname))
+    }
+
+    /// The DestinationRule for `hostname` as a client in `client_namespace`
+    /// sees it: its own namespace's first, then the service's.
+    pub fn destination_rule_for(
+        &self,
+        hostname: &str,
+        client_namespace: &str,
+    ) -> Option<&DestinationRule> {
+        let for_host = || {
+            self.destination_rules
+                .iter()
+                .filter(|dr| dr.host == hostname)
+        };
+        for_host()
+            .find(|dr| dr.namespace == client_namespace)
+            .or_else(|| {
+                let service_namespace = hostname.split('.').nth(1).unwrap_or_default();
+                for_host().find(|dr| dr.namespace == service_namespace)
+            })
+            .or_else(|| for_host().next())
+    }
+
+    /// Every VirtualService, sorted by namespace and name.
+    pub fn virtual_services(&self) -> &[VirtualService] {
+        &self.virtual_services
+    }
+
+    /// Rules that cannot apply as written; see [`routing_warnings`].
+    pub fn routing_warnings(&self) -> &[RoutingWarning] {
+        &self.routing_warnings
+    }
+}
+
+/// A rule that cannot apply as written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RoutingWarning {
+    /// `VirtualService <namespace>/<name>`.
+    pub object: String,
+    pub message: String,
+}
+
+/// What the VirtualServices say that weir cannot do with these services:
+/// http rules for a service none of whose ports is HTTP (weir does not
+/// sniff protocols), or for a port that is not HTTP.
+fn routing_warnings(
+    virtual_services: &[VirtualService],
+    services: &[Service],
+) -> Vec<RoutingWarning> {
+    let mut warnings = Vec::new();
+    for vs in virtual_services
+        .iter()
+        .filter(|vs| vs.mesh && !vs.http.is_empty())
+    {
+        let label = format!("VirtualService {}/{}", vs.namespace, vs.name);
+        for host in &vs.hosts {
+            let Some(service) = services.iter().find(|s| s.hostname() == *host) else {
+                continue;
+            };
+            let ports: Vec<u16> = vs
+                .http
+                .iter()
+                .flat_map(|rule| &rule.matches)
+                .filter_map(|m| m.port)
+                .collect();
+            let tcp = |port: &&ServicePort| port.protocol == "TCP" && !routing::is_http_port(port);
+            for port in service.ports.iter().filter(tcp) {
+                if ports.is_empty() || ports.contains(&port.port) {
+                    warnings.push(RoutingWarning {
+                        object: label.clone(),
+                        message: format!(
+                            "http rules for {host} port {}, which is not declared HTTP \
+                         (appProtocol http, http2 or grpc, or a name such as http or http-*): \
+                         they do not apply to it, its traffic is forwarded at L4",
+                            port.port
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    warnings
 }
 
 fn has_finished(pod: &core::Pod) -> bool {

@@ -110,6 +110,16 @@ impl ManifestDir {
                 .push(file_error(&self.path, "cannot list", &error)),
         }
         let cluster = Cluster::build_with(self.unique_objects(&mut report.errors), self.options);
+        // Rules that need other objects to be judged, such as a Service's
+        // port protocols.
+        report
+            .warnings
+            .extend(cluster.routing_warnings().iter().map(|w| ManifestWarning {
+                file: self.path.clone(),
+                object: w.object.clone(),
+                field: String::new(),
+                message: w.message.clone(),
+            }));
         (cluster, report)
     }
 

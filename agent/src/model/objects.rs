@@ -21,6 +21,13 @@ use serde_yaml::Value;
 use weir_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 
 use crate::policy::istio;
+use crate::routing;
+
+const NETWORKING_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
 
 /// Label that enrolls a pod, or every pod of a namespace: [`MESH_ENABLED`] or
 /// [`MESH_DISABLED`].
@@ -46,6 +53,10 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// `security.istio.io/v1` or `v1beta1`.
     AuthorizationPolicy(Box<istio::AuthorizationPolicy>),
+    /// `networking.istio.io/v1`, `v1beta1` or `v1alpha3`.
+    VirtualService(Box<routing::istio::VirtualService>),
+    /// `networking.istio.io/v1`, `v1beta1` or `v1alpha3`.
+    DestinationRule(Box<routing::istio::DestinationRule>),
 }
 
 /// Kind, namespace and name: what identifies an object in a cluster.
@@ -325,6 +336,12 @@ impl Object {
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
                 Object::AuthorizationPolicy(from_value(value)?)
             }
+            (version, "VirtualService") if NETWORKING_VERSIONS.contains(&version) => {
+                Object::VirtualService(from_value(value)?)
+            }
+            (version, "DestinationRule") if NETWORKING_VERSIONS.contains(&version) => {
+                Object::DestinationRule(from_value(value)?)
+            }
             _ => return Ok(None),
         };
         if !matches!(object, Object::Namespace(_)) {
@@ -344,6 +361,8 @@ impl Object {
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::VirtualService(_) => "VirtualService",
+            Object::DestinationRule(_) => "DestinationRule",
         }
     }
 
@@ -354,6 +373,8 @@ impl Object {
             Object::Service(service) => &service.metadata,
             Object::EndpointSlice(slice) => &slice.metadata,
             Object::AuthorizationPolicy(policy) => &policy.metadata,
+            Object::VirtualService(service) => &service.metadata,
+            Object::DestinationRule(rule) => &rule.metadata,
         }
     }
 
@@ -364,6 +385,8 @@ impl Object {
             Object::Service(service) => &mut service.metadata,
             Object::EndpointSlice(slice) => &mut slice.metadata,
             Object::AuthorizationPolicy(policy) => &mut policy.metadata,
+            Object::VirtualService(service) => &mut service.metadata,
+            Object::DestinationRule(rule) => &mut rule.metadata,
         }
     }
 
@@ -389,6 +412,12 @@ impl Object {
             Object::AuthorizationPolicy(policy) => {
                 problems.extend(policy.translate().err().into_iter().flatten());
             }
+            Object::VirtualService(service) => {
+                problems.extend(service.translate().err().into_iter().flatten());
+            }
+            Object::DestinationRule(rule) => {
+                problems.extend(rule.translate().err().into_iter().flatten());
+            }
         }
         problems
     }
@@ -398,6 +427,14 @@ impl Object {
     pub fn warnings(&self) -> Vec<FieldError> {
         match self {
             Object::AuthorizationPolicy(policy) => policy
+                .translate()
+                .map(|translation| translation.warnings)
+                .unwrap_or_default(),
+            Object::VirtualService(service) => service
+                .translate()
+                .map(|translation| translation.warnings)
+                .unwrap_or_default(),
+            Object::DestinationRule(rule) => rule
                 .translate()
                 .map(|translation| translation.warnings)
                 .unwrap_or_default(),

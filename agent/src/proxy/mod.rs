@@ -4,6 +4,7 @@
 mod authorize;
 mod copy;
 mod destination;
+mod http;
 pub mod inbound;
 pub mod outbound;
 

@@ -75,6 +75,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &Proxy
     // model is then at worst one generation old, and ignored, never newer.
     let generation = ctx.generation.load(Relaxed);
     let cluster = ctx.cluster.borrow().clone();
+    // A Service port declared HTTP: served request by request, with routes.
+    if let Some((host, port)) = super::http::http_service(&cluster, orig) {
+        drop(cluster);
+        return super::http::serve(client, pod, ctx, host, port).await;
+    }
     let target = match ctx.balancer.resolve(&cluster, orig) {
         Ok(target) => target,
         Err(e) => {

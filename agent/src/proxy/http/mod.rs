@@ -1,0 +1,649 @@
+//! The outbound HTTP path: connections to a Service port that Istio's rules
+//! declare HTTP (see [`routing::is_http_port`]) are served here with hyper
+//! (HTTP/1.1 with keep-alive) instead of being copied at L4. Each request
+//! takes a route of the service's VirtualService, or the service itself,
+//! and goes to an endpoint over a pooled upstream connection made in the
+//! source pod's namespace, with Istio's timeouts, retries and faults, and
+//! is counted in Istio's HTTP metrics.
+//!
+//! Each upstream endpoint is checked against the destination's
+//! AuthorizationPolicy as on the L4 path. Request bodies are read whole
+//! before forwarding, so that a retry can send them again; responses
+//! stream through.
+
+mod balance;
+mod fault;
+mod pool;
+mod retry;
+mod route;
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::destination::ServiceName;
+use super::{PodProxy, ProxyContext, labels};
+use crate::metrics::Reporter;
+use crate::metrics::http::HttpLabels;
+use crate::model::{Cluster, Workload, WorkloadKey};
+use crate::routing::{self, LoadBalancer, RetryPolicy};
+use retry::Outcome;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The service port a connection to `orig` is for, when `orig` is a
+/// ClusterIP and the port is HTTP: its hostname and port.
+pub fn http_service(cluster: &Cluster, orig: SocketAddr) -> Option<(String, u16)> {
+    let (service, port) = cluster.service_by_ip_port(orig.ip(), orig.port())?;
+    routing::is_http_port(port).then(|| (service.hostname(), port.port))
+}
+
+/// Serves one app connection to the HTTP service `host`:`port`, request by
+/// request, until the app closes it.
+pub async fn serve(client: TcpStream, pod: &PodProxy, ctx: &ProxyContext, host: String, port: u16) {
+    let _ = client.set_nodelay(true);
+    let connection = Connection {
+        pod,
+        ctx,
+        host,
+        port,
+    };
+    let connection = &connection;
+    let service = hyper::service::service_fn(move |request| async move {
+        Ok::<_, Infallible>(connection.request(request).await)
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    if let Err(error) = served {
+        debug!(pod = %pod.key, %error, "HTTP connection ended");
+    }
+}
+
+struct Connection<'a> {
+    pod: &'a PodProxy,
+    ctx: &'a ProxyContext,
+    /// The service the app connected to, and its port.
+    host: String,
+    port: u16,
+}
+
+/// What the proxy answers itself, as Envoy words it.
+struct MadeUp {
+    status: u16,
+    flags: &'static str,
+    body: &'static str,
+}
+
+const NO_ROUTE: MadeUp = MadeUp {
+    status: 404,
+    flags: "NR",
+    body: "",
+};
+const NO_CLUSTER: MadeUp = MadeUp {
+    status: 503,
+    flags: "NR",
+    body: "no healthy upstream",
+};
+const NO_HEALTHY_UPSTREAM: MadeUp = MadeUp {
+    status: 503,
+    flags: "UH",
+    body: "no healthy upstream",
+};
+const TIMEOUT: MadeUp = MadeUp {
+    status: 504,
+    flags: "UT",
+    body: "upstream request timeout",
+};
+const DENIED: MadeUp = MadeUp {
+    status: 403,
+    flags: "DENY",
+    body: "RBAC: access denied",
+};
+const BAD_REQUEST: MadeUp = MadeUp {
+    status: 400,
+    flags: "DPE",
+    body: "",
+};
+
+impl Connection<'_> {
+    async fn request(&self, request: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let cluster = self.ctx.cluster.borrow().clone();
+        let (response, flags, destination, service) = self.forward(&cluster, request).await;
+        let base = labels(
+            Reporter::Source,
+            &cluster,
+            Some(&self.pod.key),
+            destination.as_ref(),
+            service.as_ref(),
+            flags,
+        );
+        let labels = HttpLabels {
+            base,
+            response_code: response.status().as_u16(),
+        };
+        self.ctx.metrics.http.record(labels, start.elapsed());
+        response
+    }
+
+    /// The response, its Envoy response flags, the endpoint's pod and the
+    /// service it belongs to.
+    async fn forward(
+        &self,
+        cluster: &Cluster,
+        request: Request<Incoming>,
+    ) -> (
+        Response<Body>,
+        &'static str,
+        Option<WorkloadKey>,
+        Option<ServiceName>,
+    ) {
+        let source = cluster.workload(&self.pod.key);
+        let (mut parts, body) = request.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let request_id = HeaderName::from_static("x-request-id");
+        if !parts.headers.contains_key(&request_id) {
+            parts.headers.insert(request_id, new_request_id());
+        }
+        let target_service = cluster
+            .service_by_hostname(&self.host)
+            .map(|service| ServiceName {
+                hostname: service.hostname(),
+                name: service.name.clone(),
+                namespace: service.namespace.clone(),
+            });
+
+        // The route: the VirtualService's first matching rule, or the
+        // service itself with Istio's default retries.
+        let vs = cluster.virtual_service_for(&self.host);
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let view = route::RequestView {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            scheme: "http",
+            authority: &authority,
+            headers: &parts.headers,
+            port: self.port,
+            source_labels: source.map(|source| &source.labels),
+            source_namespace: source.map(|source| source.namespace.as_str()),
+        };
+        let rule = match vs {
+            Some(vs) => match route::select(vs, &view) {
+                Some(rule) => Some(rule),
+                None => return (made_up(&NO_ROUTE), NO_ROUTE.flags, None, target_service),
+            },
+            None => None,
+        };
+        let (host, subset, port) =
+            match rule.and_then(|rule| route::weighted(&rule.routes, random())) {
+                Some(destination) => (
+                    destination.host.clone(),
+                    destination.subset.clone(),
+                    destination.port,
+                ),
+                None => (self.host.clone(), None, None),
+            };
+        let Some(service) = cluster.service_by_hostname(&host) else {
+            return (made_up(&NO_CLUSTER), NO_CLUSTER.flags, None, target_service);
+        };
+        let service_name = Some(ServiceName {
+            hostname: service.hostname(),
+            name: service.name.clone(),
+            namespace: service.namespace.clone(),
+        });
+        let service_port = match port {
+            Some(port) => service.ports.iter().find(|p| p.port == port),
+            None if host == self.host => service.ports.iter().find(|p| p.port == self.port),
+            None => service
+                .ports
+                .iter()
+                .find(|p| p.port == self.port)
+                .or(service.ports.first().filter(|_| service.ports.len() == 1)),
+        };
+        let Some(service_port) = service_port else {
+            return (made_up(&NO_CLUSTER), NO_CLUSTER.flags, None, service_name);
+        };
+        let namespace = source.map_or("", |source| source.namespace.as_str());
+        let rule_set = cluster.destination_rule_for(&host, namespace);
+        let subset_rule = match &subset {
+            Some(name) => match rule_set.and_then(|dr| dr.subset(name)) {
+                Some(subset) => Some(subset),
+                None => return (made_up(&NO_CLUSTER), NO_CLUSTER.flags, None, service_name),
+            },
+            None => None,
+        };
+        let endpoints: Vec<(SocketAddr, Option<WorkloadKey>)> = service_port
+            .endpoints
+            .iter()
+            .filter(|endpoint| endpoint.ready)
+            .filter(|endpoint| {
+                subset_rule.is_none_or(|subset| {
+                    endpoint
+                        .workload
+                        .as_ref()
+                        .and_then(|key| cluster.workload(key))
+                        .is_some_and(|workload| {
+                            subset
+                                .labels
+                                .iter()
+                                .all(|(key, value)| workload.labels.get(key) == Some(value))
+                        })
+                })
+            })
+            .map(|endpoint| {
+                (
+                    SocketAddr::new(endpoint.ip, endpoint.port),
+                    endpoint.workload.clone(),
+                )
+            })
+            .collect();
+        if endpoints.is_empty() {
+            return (
+                made_up(&NO_HEALTHY_UPSTREAM),
+                NO_HEALTHY_UPSTREAM.flags,
+                None,
+                service_name,
+            );
+        }
+        let load_balancer = subset_rule
+            .and_then(|subset| subset.load_balancer)
+            .or(rule_set.and_then(|dr| dr.load_balancer))
+            .unwrap_or_default();
+
+        // Faults first; a route with faults has no timeout nor retries.
+        let fault = rule.and_then(|rule| rule.fault.as_ref());
+        let injected =
+            fault.map(|fault| fault::decide(fault, [random() * 100.0, random() * 100.0]));
+        let mut fault_flags = None;
+        if let Some(delay) = injected.as_ref().and_then(|injected| injected.delay) {
+            tokio::time::sleep(delay).await;
+            fault_flags = Some("DI");
+        }
+        if let Some(status) = injected.as_ref().and_then(|injected| injected.abort) {
+            let abort = MadeUp {
+                status,
+                flags: "FI",
+                body: "fault filter abort",
+            };
+            let flags = if fault_flags.is_some() { "DI,FI" } else { "FI" };
+            return (made_up(&abort), flags, None, service_name);
+        }
+        let (timeout, retries) = match (fault, rule) {
+            (Some(_), _) => (
+                None,
+                RetryPolicy {
+                    attempts: 0,
+                    ..RetryPolicy::istio_default()
+                },
+            ),
+            (None, Some(rule)) => (
+                rule.timeout,
+                rule.retries
+                    .clone()
+                    .unwrap_or_else(RetryPolicy::istio_default),
+            ),
+            (None, None) => (None, RetryPolicy::istio_default()),
+        };
+
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                debug!(pod = %self.pod.key, %error, "reading the request body");
+                return (made_up(&BAD_REQUEST), BAD_REQUEST.flags, None, service_name);
+            }
+        };
+        let tries = Tries {
+            connection: self,
+            cluster,
+            source,
+            parts: &parts,
+            body,
+            endpoints: &endpoints,
+            policy: &retries,
+            load_balancer,
+            group: (&host, subset.as_deref().unwrap_or_default()),
+        };
+        let (response, flags, destination) = match timeout {
+            Some(timeout) => match tokio::time::timeout(timeout, tries.run()).await {
+                Ok(result) => result,
+                Err(_) => (made_up(&TIMEOUT), TIMEOUT.flags, None),
+            },
+            None => tries.run().await,
+        };
+        let flags = match (fault_flags, flags) {
+            (Some(_), "-") => "DI",
+            (_, flags) => flags,
+        };
+        (response, flags, destination, service_name)
+    }
+}
+
+/// The tries of one request: the first and its retries.
+struct Tries<'a> {
+    connection: &'a Connection<'a>,
+    cluster: &'a Cluster,
+    source: Option<&'a Workload>,
+    parts: &'a hyper::http::request::Parts,
+    body: Bytes,
+    endpoints: &'a [(SocketAddr, Option<WorkloadKey>)],
+    policy: &'a RetryPolicy,
+    load_balancer: LoadBalancer,
+    group: (&'a str, &'a str),
+}
+
+impl Tries<'_> {
+    async fn run(&self) -> (Response<Body>, &'static str, Option<WorkloadKey>) {
+        let cookie = self.connection.pod.factory.netns_cookie();
+        let addrs: Vec<SocketAddr> = self.endpoints.iter().map(|(addr, _)| *addr).collect();
+        let mut tried = Vec::new();
+        let mut try_number = 0;
+        loop {
+            let addr = balance::choose(&addrs, &tried, self.load_balancer, cookie, self.group);
+            tried.push(addr);
+            let workload = self
+                .endpoints
+                .iter()
+                .find(|(a, _)| *a == addr)
+                .and_then(|(_, workload)| workload.clone());
+            if !self.allowed(addr, workload.as_ref()) {
+                return (made_up(&DENIED), DENIED.flags, workload);
+            }
+            let result = {
+                let _in_flight = balance::in_flight(cookie, addr);
+                let once = self.once(cookie, addr);
+                match self.policy.per_try_timeout {
+                    Some(limit) => tokio::time::timeout(limit, once)
+                        .await
+                        .unwrap_or(Err(Outcome::PerTryTimeout)),
+                    None => once.await,
+                }
+            };
+            let outcome = match &result {
+                Ok(response) => Outcome::Response {
+                    status: response.status().as_u16(),
+                    grpc_status: response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(|value| value.parse().ok()),
+                },
+                Err(outcome) => *outcome,
+            };
+            let retriable = retry::should_retry(&self.policy.retry_on, outcome);
+            if retriable && try_number < self.policy.attempts {
+                try_number += 1;
+                tokio::time::sleep(backoff(try_number)).await;
+                continue;
+            }
+            // Retries were wanted but none is left.
+            let exhausted = retriable && self.policy.attempts > 0;
+            return match result {
+                Ok(response) => {
+                    let flags = if exhausted { "URX" } else { "-" };
+                    (response, flags, workload)
+                }
+                Err(outcome) => {
+                    let (status, flags, body) = match (outcome, exhausted) {
+                        (Outcome::PerTryTimeout, false) => (504, "UT", "upstream request timeout"),
+                        (Outcome::PerTryTimeout, true) => {
+                            (504, "UT,URX", "upstream request timeout")
+                        }
+                        (Outcome::ConnectFailure, false) => (503, "UF", CONNECT_FAILURE),
+                        (Outcome::ConnectFailure, true) => (503, "UF,URX", CONNECT_FAILURE),
+                        (_, false) => (503, "UC", CONNECTION_TERMINATION),
+                        (_, true) => (503, "UC,URX", CONNECTION_TERMINATION),
+                    };
+                    let made = MadeUp {
+                        status,
+                        flags,
+                        body,
+                    };
+                    (made_up(&made), flags, workload)
+                }
+            };
+        }
+    }
+
+    /// The destination's own verdict, when it is an enrolled pod, as on the
+    /// L4 path; its node's inbound check stays authoritative.
+    fn allowed(&self, addr: SocketAddr, workload: Option<&WorkloadKey>) -> bool {
+        let (Some(source), Some(destination)) = (
+            self.source,
+            workload.and_then(|key| self.cluster.workload(key)),
+        ) else {
+            return true;
+        };
+        if !destination.enrolled {
+            return true;
+        }
+        let source_ip = source
+            .ips
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let ctx = self.connection.ctx;
+        let verdict = ctx
+            .authorizer
+            .check(self.cluster, source_ip, destination, addr);
+        if !verdict.allowed {
+            ctx.authorizer
+                .record("outbound", &verdict, source_ip, destination, addr);
+        }
+        verdict.allowed
+    }
+
+    /// One try on a pooled connection, or a new one; a pooled connection
+    /// that turns out closed before the request went out is replaced.
+    async fn once(&self, cookie: u64, addr: SocketAddr) -> Result<Response<Body>, Outcome> {
+        let mut request = Some(self.request());
+        let mut pooled = pool::take(cookie, addr);
+        loop {
+            let fresh = pooled.is_none();
+            let mut sender = match pooled.take() {
+                Some(sender) => sender,
+                None => pool::connect(&self.connection.pod.factory, addr)
+                    .await
+                    .map_err(|error| {
+                        debug!(%addr, %error, "upstream connect failed");
+                        Outcome::ConnectFailure
+                    })?,
+            };
+            let sent = sender
+                .try_send_request(request.take().expect("a request to send"))
+                .await;
+            match sent {
+                Ok(response) => {
+                    pool::put(cookie, addr, sender);
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return Ok(Response::from_parts(parts, body.boxed()));
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !fresh => request = Some(unsent),
+                    _ => {
+                        debug!(%addr, error = %error.error(), "upstream request failed");
+                        return Err(Outcome::Reset);
+                    }
+                },
+            }
+        }
+    }
+
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.parts.method.clone();
+        *request.uri_mut() = self
+            .parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".parse().unwrap(), |pq| pq.as_str().parse().unwrap());
+        *request.headers_mut() = self.parts.headers.clone();
+        request
+    }
+}
+
+const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+const CONNECTION_TERMINATION: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+
+/// Envoy's: fully jittered, from a 25 ms base, doubling, at most 250 ms.
+fn backoff(retry: u32) -> Duration {
+    let ceiling = (25u64 << retry.min(4)).min(250);
+    Duration::from_millis((random() * ceiling as f64) as u64)
+}
+
+fn made_up(made: &MadeUp) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(made.body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::from_u16(made.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let headers = response.headers_mut();
+    headers.insert(header::SERVER, HeaderValue::from_static("weir"));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// Removes the headers that concern one connection only (RFC 9110 7.6.1):
+/// those that `Connection` names, and Connection, Proxy-Connection,
+/// Keep-Alive, TE (but `te: trailers`), Transfer-Encoding and Upgrade.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        if name != "te" {
+            headers.remove(name.as_str());
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("keep-alive"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let trailers = headers
+        .get(header::TE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .split(',')
+                .any(|v| v.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A random UUID (version 4), as Envoy generates for `x-request-id`.
+fn new_request_id() -> HeaderValue {
+    let high = random_u64();
+    let low = random_u64();
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&high.to_be_bytes());
+    bytes[8..].copy_from_slice(&low.to_be_bytes());
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    HeaderValue::from_str(&id).expect("hex and dashes")
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()) | 1);
+}
+
+/// xorshift64*: good enough for load balancing, weights and faults.
+fn random_u64() -> u64 {
+    RNG.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// Uniform in `[0, 1)`.
+fn random() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("te", "trailers, deflate"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("x-b3-traceid", "abc"),
+            ("traceparent", "00-abc-def-01"),
+        ] {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "traceparent", "x-b3-traceid"]);
+        assert_eq!(headers["te"], "trailers");
+    }
+
+    #[test]
+    fn request_ids_are_uuids_and_differ() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        let a = a.to_str().unwrap();
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!((0..1000).map(|_| random()).all(|r| (0.0..1.0).contains(&r)));
+    }
+}

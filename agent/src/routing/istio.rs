@@ -1,0 +1,235 @@
+//! Istio's VirtualService and DestinationRule (`networking.istio.io` v1,
+//! v1beta1 and v1alpha3) as weir reads them: field for field as Istio
+//! defines them, so that a user's YAML loads unchanged.
+//!
+//! Fields that Istio does not have are errors (`deny_unknown_fields`). Fields
+//! that Istio has but weir does not implement yet are kept as raw values, so
+//! that [`super::translate`] can warn about each one that is set: nothing a
+//! rule says is silently ignored.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_yaml::Value;
+
+/// A field weir knows but does not implement yet: any value.
+pub type Unimplemented = Option<Value>;
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualService {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VirtualServiceSpec,
+    #[serde(default, rename = "status")]
+    _status: IgnoredAny,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+    pub tls: Unimplemented,
+    pub tcp: Unimplemented,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+    pub timeout: Option<String>,
+    pub retries: Option<HttpRetry>,
+    pub fault: Option<HttpFaultInjection>,
+    pub redirect: Unimplemented,
+    pub direct_response: Unimplemented,
+    pub delegate: Unimplemented,
+    pub rewrite: Unimplemented,
+    pub mirror: Unimplemented,
+    pub mirrors: Unimplemented,
+    pub mirror_percentage: Unimplemented,
+    pub mirror_percent: Unimplemented,
+    pub cors_policy: Unimplemented,
+    pub headers: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatchRequest {
+    pub name: Option<String>,
+    pub uri: Option<StringMatch>,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    pub source_namespace: Option<String>,
+    pub stat_prefix: Option<String>,
+}
+
+/// Exactly one of the three; checked in translation.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRouteDestination {
+    pub destination: Option<Destination>,
+    #[serde(default)]
+    pub weight: i32,
+    pub headers: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    #[serde(default)]
+    pub attempts: i32,
+    pub per_try_timeout: Option<String>,
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Unimplemented,
+    pub retry_ignore_previous_hosts: Option<bool>,
+    pub backoff: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFaultInjection {
+    pub delay: Option<Delay>,
+    pub abort: Option<Abort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delay {
+    pub fixed_delay: Option<String>,
+    pub exponential_delay: Unimplemented,
+    pub percentage: Option<Percent>,
+    /// Deprecated integer form of `percentage`.
+    pub percent: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Abort {
+    pub http_status: Option<i32>,
+    pub grpc_status: Unimplemented,
+    pub http2_error: Unimplemented,
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percent {
+    #[serde(default)]
+    pub value: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRule {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DestinationRuleSpec,
+    #[serde(default, rename = "status")]
+    _status: IgnoredAny,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRuleSpec {
+    #[serde(default)]
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    pub workload_selector: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Unimplemented,
+    pub outlier_detection: Unimplemented,
+    pub tls: Option<ClientTlsSettings>,
+    pub port_level_settings: Unimplemented,
+    pub tunnel: Unimplemented,
+    pub proxy_protocol: Unimplemented,
+    pub retry_budget: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSettings {
+    pub simple: Option<String>,
+    pub consistent_hash: Unimplemented,
+    pub locality_lb_setting: Unimplemented,
+    pub warmup_duration_secs: Unimplemented,
+    pub warmup: Unimplemented,
+}
+
+/// Only `mode` is read; the rest is for TLS origination, which weir does
+/// not do.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
+}

@@ -1,0 +1,681 @@
+//! HTTP traffic management end to end: Istio's VirtualService and
+//! DestinationRule, in Istio's Bookinfo shapes, applied by a real agent to
+//! a meshed client's requests.
+//!
+//! The apps are small HTTP/1.1 servers written here; each answers with its
+//! app and version. They run in pods that are not enrolled, so only the
+//! client's side is meshed, as in `outbound.rs`.
+
+mod common;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{IO_TIMEOUT, accept_loop, echo, metric, redirected, serve_echo, wait_until};
+use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions};
+
+const PORT: u16 = 9080;
+
+/// What an app answers: status, body and how long it takes.
+type Handler = Arc<dyn Fn(&str) -> (u16, String, Duration) + Send + Sync>;
+
+/// Serves HTTP/1.1 with keep-alive on `PORT` in `pod`; `handle` gets the
+/// request's path.
+fn serve_http(pod: &Pod, handle: Handler) {
+    accept_loop(pod.listen(PORT).unwrap(), move |stream, _| {
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut stream = stream;
+        loop {
+            let Some((path, _headers, _body)) = read_request(&mut reader)? else {
+                return Ok(());
+            };
+            let (status, body, delay) = handle(&path);
+            thread::sleep(delay);
+            write!(
+                stream,
+                "HTTP/1.1 {status} Whatever\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+        }
+    });
+}
+
+/// An app that says its name and version.
+fn app(name: &str, version: &str) -> Handler {
+    let answer = format!("{name} {version}");
+    Arc::new(move |_| (200, answer.clone(), Duration::ZERO))
+}
+
+type Headers = Vec<(String, String)>;
+type Head = (String, Headers, Vec<u8>);
+
+/// One request: its path, headers and body; None at the end of the stream.
+fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Head>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+    let (headers, body) = read_rest(reader)?;
+    Ok(Some((path, headers, body)))
+}
+
+fn read_rest(reader: &mut BufReader<TcpStream>) -> io::Result<(Headers, Vec<u8>)> {
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let size = usize::from_str_radix(size.trim(), 16).map_err(io::Error::other)?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(length) = header("content-length") {
+        body = vec![0; length.parse().map_err(io::Error::other)?];
+        reader.read_exact(&mut body)?;
+    }
+    Ok((headers, body))
+}
+
+struct Response {
+    status: u16,
+    headers: Headers,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection from a pod.
+struct Client {
+    reader: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Client {
+    fn connect(pod: &Pod, addr: SocketAddr, host: &str) -> Client {
+        let stream = pod.connect(addr).unwrap();
+        assert!(redirected(&stream), "the client went direct");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        Client {
+            reader: BufReader::new(stream),
+            host: host.to_owned(),
+        }
+    }
+
+    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
+        self.try_get(path, headers).unwrap()
+    }
+
+    fn try_get(&mut self, path: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
+        let mut request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        self.reader.get_mut().write_all(request.as_bytes())?;
+        let mut status_line = String::new();
+        self.reader.read_line(&mut status_line)?;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+        let (headers, body) = read_rest(&mut self.reader)?;
+        Ok(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+/// One request on a new connection, for polling until a change applies;
+/// None when the connection fails (the service is not known yet, say).
+fn poll(pod: &Pod, addr: SocketAddr, host: &str, headers: &[(&str, &str)]) -> Option<Response> {
+    let stream = pod.connect(addr).ok()?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
+    let mut client = Client {
+        reader: BufReader::new(stream),
+        host: host.to_owned(),
+    };
+    client.try_get("/", headers).ok()
+}
+
+struct Bookinfo {
+    sb: Sandbox,
+    agent: Agent,
+    client: Pod,
+    reviews: SocketAddr,
+}
+
+impl Bookinfo {
+    fn client(&self, host: &str, addr: SocketAddr) -> Client {
+        Client::connect(&self.client, addr, host)
+    }
+
+    /// Writes a manifest, then waits until the agent applies it: until
+    /// `check` holds for a new connection's request.
+    fn apply(&self, file: &str, yaml: &str, mut check: impl FnMut(&mut Client) -> bool) {
+        self.sb.write_manifest(file, yaml).unwrap();
+        wait_until(&format!("{file} applies"), || {
+            check(&mut self.client("reviews", self.reviews))
+        });
+    }
+}
+
+/// reviews v1, v2 and v3 on both nodes, behind an HTTP service; a meshed
+/// client on xuegod63.
+fn bookinfo(test: &str) -> Bookinfo {
+    let mut sb = Sandbox::new(SandboxOptions::for_test(test)).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("productpage-v1", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "productpage")
+                .label("version", "v1"),
+        )
+        .unwrap();
+    for (version, node) in [
+        ("v1", NodeId::Xuegod63),
+        ("v2", NodeId::Xuegod64),
+        ("v3", NodeId::Xuegod64),
+    ] {
+        let pod = sb
+            .add_pod(
+                PodSpec::new(&format!("reviews-{version}"), node)
+                    .label("app", "reviews")
+                    .label("version", version),
+            )
+            .unwrap();
+        serve_http(&pod, app("reviews", version));
+    }
+    let vip = sb.addressing().service_ip(20);
+    sb.add_http_service("reviews", "default", vip, PORT, PORT, &[("app", "reviews")])
+        .unwrap();
+    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    Bookinfo {
+        sb,
+        agent,
+        client,
+        reviews: SocketAddr::from((vip, PORT)),
+    }
+}
+
+// Istio's samples/bookinfo/networking files, unchanged but for leaving out
+// the hosts these tests do not run.
+const DESTINATION_RULE_ALL: &str = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+  - name: v3
+    labels:
+      version: v3
+";
+
+const VIRTUAL_SERVICE_ALL_V1: &str = "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+";
+
+const VIRTUAL_SERVICE_REVIEWS_50_V3: &str = "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+    - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: 50
+    - destination:
+        host: reviews
+        subset: v3
+      weight: 50
+";
+
+const VIRTUAL_SERVICE_REVIEWS_TEST_V2: &str = "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+    - reviews
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+";
+
+#[test]
+fn request_routing_and_traffic_shifting() {
+    let b = bookinfo("http-routing");
+
+    // Without rules, every version serves.
+    let mut client = b.client("reviews", b.reviews);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let response = client.get("/reviews/0", &[]);
+        assert_eq!(response.status, 200);
+        seen.insert(response.body);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    // All traffic to v1.
+    b.sb.write_manifest("destination-rule-all.yaml", DESTINATION_RULE_ALL)
+        .unwrap();
+    b.apply("virtual-service.yaml", VIRTUAL_SERVICE_ALL_V1, |client| {
+        (0..5).all(|_| client.get("/", &[]).body == "reviews v1")
+    });
+    let mut client = b.client("reviews", b.reviews);
+    for _ in 0..50 {
+        let response = client.get("/reviews/0", &[]);
+        assert_eq!(
+            (response.status, response.body.as_str()),
+            (200, "reviews v1")
+        );
+        assert!(
+            response.header("server").is_none(),
+            "not made up by the proxy"
+        );
+    }
+
+    // 50/50 between v1 and v3: each share within 5 standard deviations.
+    b.apply(
+        "virtual-service.yaml",
+        VIRTUAL_SERVICE_REVIEWS_50_V3,
+        |client| (0..40).any(|_| client.get("/", &[]).body == "reviews v3"),
+    );
+    let mut client = b.client("reviews", b.reviews);
+    let started = Instant::now();
+    let (mut v1, mut v3) = (0, 0);
+    for _ in 0..1000 {
+        match client.get("/reviews/0", &[]).body.as_str() {
+            "reviews v1" => v1 += 1,
+            "reviews v3" => v3 += 1,
+            other => panic!("{other:?} is neither v1 nor v3"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "too slow");
+    }
+    let deviation = 5.0 * (1000.0f64 * 0.5 * 0.5).sqrt();
+    assert!(
+        (f64::from(v1) - 500.0).abs() <= deviation,
+        "v1 {v1}, v3 {v3}"
+    );
+
+    // end-user: jason goes to v2, everyone else to v1.
+    b.apply(
+        "virtual-service.yaml",
+        VIRTUAL_SERVICE_REVIEWS_TEST_V2,
+        |client| client.get("/", &[("end-user", "jason")]).body == "reviews v2",
+    );
+    let mut client = b.client("reviews", b.reviews);
+    for _ in 0..20 {
+        assert_eq!(client.get("/", &[("end-user", "jason")]).body, "reviews v2");
+        assert_eq!(client.get("/", &[("end-user", "mike")]).body, "reviews v1");
+        assert_eq!(client.get("/", &[]).body, "reviews v1");
+    }
+
+    // Istio's HTTP metrics, by destination version.
+    let requests = |version: &str| {
+        metric(
+            &b.agent,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("source_workload", "productpage-v1"),
+                ("destination_version", version),
+                ("destination_service", "reviews.default.svc.cluster.local"),
+                ("request_protocol", "http"),
+                ("response_code", "200"),
+                ("response_flags", "-"),
+            ],
+        )
+    };
+    assert!(requests("v2") >= 21.0, "{}", b.agent.metrics().unwrap());
+    assert!(requests("v3") >= f64::from(v3));
+    let text = b.agent.metrics().unwrap();
+    assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+    assert!(text.contains("le=\"0.5\""));
+    let dump = b.agent.config_dump().unwrap();
+    assert_eq!(
+        dump["cluster"]["virtual_services"][0]["name"], "reviews",
+        "{dump}"
+    );
+}
+
+/// A service of one app, behind an HTTP service, in the bookinfo sandbox.
+fn add_app(b: &mut Bookinfo, name: &str, ip: u16, handler: Handler) -> SocketAddr {
+    let pod =
+        b.sb.add_pod(
+            PodSpec::new(&format!("{name}-v1"), NodeId::Xuegod64)
+                .label("app", name)
+                .label("version", "v1"),
+        )
+        .unwrap();
+    serve_http(&pod, handler);
+    let vip = b.sb.addressing().service_ip(ip);
+    b.sb.add_http_service(name, "default", vip, PORT, PORT, &[("app", name)])
+        .unwrap();
+    SocketAddr::from((vip, PORT))
+}
+
+#[test]
+fn timeouts_retries_and_faults() {
+    let mut b = bookinfo("http-resilience");
+    let slow = add_app(
+        &mut b,
+        "slow",
+        21,
+        Arc::new(|_| (200, "slow v1".into(), Duration::from_secs(2))),
+    );
+    let tries = Arc::new(AtomicUsize::new(0));
+    let counted = tries.clone();
+    let flaky = add_app(
+        &mut b,
+        "flaky",
+        22,
+        Arc::new(move |_| {
+            counted.fetch_add(1, SeqCst);
+            (503, "flaky v1".into(), Duration::ZERO)
+        }),
+    );
+    let ratings = add_app(&mut b, "ratings", 23, app("ratings", "v1"));
+    wait_until("the services are known", || {
+        poll(&b.client, ratings, "ratings", &[]).is_some_and(|r| r.body == "ratings v1")
+    });
+
+    // Istio's default retry policy: a 503 is tried 3 times in all.
+    let mut client = Client::connect(&b.client, flaky, "flaky");
+    let before = tries.load(SeqCst);
+    let response = client.get("/", &[]);
+    assert_eq!(response.status, 503);
+    assert_eq!(tries.load(SeqCst) - before, 3, "default policy: 2 retries");
+    assert_eq!(response.body, "flaky v1", "the upstream's own answer");
+
+    // attempts: 3 on 5xx: 4 tries.
+    b.sb.write_manifest(
+        "flaky.yaml",
+        "
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: flaky}
+spec:
+  hosts: [flaky.default.svc.cluster.local]
+  http:
+  - route: [{destination: {host: flaky}}]
+    retries: {attempts: 3, retryOn: 5xx}
+",
+    )
+    .unwrap();
+    wait_until("the retry policy applies", || {
+        let before = tries.load(SeqCst);
+        poll(&b.client, flaky, "flaky", &[]);
+        tries.load(SeqCst) - before == 4
+    });
+    let before = tries.load(SeqCst);
+    assert_eq!(client.get("/", &[]).status, 503);
+    assert_eq!(tries.load(SeqCst) - before, 4, "attempts counts retries");
+    let exhausted = metric(
+        &b.agent,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "flaky"),
+            ("response_code", "503"),
+            ("response_flags", "URX"),
+        ],
+    );
+    assert!(exhausted >= 2.0, "{}", b.agent.metrics().unwrap());
+
+    // A 0.5 s timeout on a service that takes 2 s: 504 after about 0.5 s.
+    b.sb.write_manifest(
+        "slow.yaml",
+        "
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: slow}
+spec:
+  hosts: [slow]
+  http:
+  - route: [{destination: {host: slow}}]
+    timeout: 0.5s
+",
+    )
+    .unwrap();
+    wait_until("the timeout applies", || {
+        poll(&b.client, slow, "slow", &[]).is_some_and(|r| r.status == 504)
+    });
+    let mut client = Client::connect(&b.client, slow, "slow");
+    let started = Instant::now();
+    let response = client.get("/", &[]);
+    let took = started.elapsed();
+    assert_eq!(response.status, 504);
+    assert_eq!(response.body, "upstream request timeout");
+    assert_eq!(response.header("server"), Some("weir"));
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    let timed_out = metric(
+        &b.agent,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "slow"),
+            ("response_code", "504"),
+            ("response_flags", "UT"),
+        ],
+    );
+    assert!(timed_out >= 1.0);
+
+    // Istio's ratings-test-abort and -delay, for one user; at a percentage.
+    b.sb.write_manifest(
+        "ratings.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      abort:
+        percentage:
+          value: 100.0
+        httpStatus: 500
+    route:
+    - destination:
+        host: ratings
+  - match:
+    - headers:
+        end-user:
+          exact: mike
+    fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 300ms
+    route:
+    - destination:
+        host: ratings
+  - fault:
+      abort:
+        percentage:
+          value: 50
+        httpStatus: 503
+    route:
+    - destination:
+        host: ratings
+",
+    )
+    .unwrap();
+    wait_until("the faults apply", || {
+        poll(&b.client, ratings, "ratings", &[("end-user", "jason")])
+            .is_some_and(|r| r.status == 500)
+    });
+    let mut client = Client::connect(&b.client, ratings, "ratings");
+    let response = client.get("/", &[("end-user", "jason")]);
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (500, "fault filter abort")
+    );
+    assert_eq!(response.header("server"), Some("weir"));
+    let started = Instant::now();
+    let response = client.get("/", &[("end-user", "mike")]);
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "ratings v1")
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let aborted = (0..400)
+        .filter(|_| {
+            let response = client.get("/", &[]);
+            assert!(matches!(response.status, 200 | 503), "{}", response.status);
+            response.status == 503
+        })
+        .count();
+    let deviation = 5.0 * (400.0f64 * 0.25).sqrt();
+    assert!(
+        (aborted as f64 - 200.0).abs() <= deviation,
+        "{aborted} of 400 aborted"
+    );
+    let injected = metric(
+        &b.agent,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "ratings"),
+            ("response_code", "503"),
+            ("response_flags", "FI"),
+        ],
+    );
+    assert_eq!(injected, aborted as f64);
+}
+
+#[test]
+fn tcp_service_stays_l4_and_http_rules_for_it_are_reported() {
+    let mut sb = Sandbox::new(SandboxOptions::for_test("http-tcp")).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("client", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "client"),
+        )
+        .unwrap();
+    let server = sb
+        .add_pod(PodSpec::new("echo", NodeId::Xuegod64).label("app", "echo"))
+        .unwrap();
+    serve_echo(&server);
+    let vip: Ipv4Addr = sb.addressing().service_ip(30);
+    sb.add_service("echo", "default", vip, 80, common::ECHO, &[("app", "echo")])
+        .unwrap();
+    sb.write_manifest(
+        "echo-vs.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo]
+  http:
+  - route: [{destination: {host: echo}}]
+    timeout: 1s
+",
+    )
+    .unwrap();
+    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+
+    let mut stream = client.connect(SocketAddr::from((vip, 80))).unwrap();
+    assert!(redirected(&stream));
+    assert_eq!(
+        echo(&mut stream, b"not http at all").unwrap().server,
+        "echo"
+    );
+    wait_until("the connection is counted at L4", || {
+        metric(
+            &agent,
+            "istio_tcp_connections_closed_total",
+            &[("destination_service_name", "echo")],
+        ) == 1.0
+    });
+    assert_eq!(metric(&agent, "istio_requests_total", &[]), 0.0);
+    let dump = agent.config_dump().unwrap();
+    let warning = dump["cluster"]["routing_warnings"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(warning.contains("not declared HTTP"), "{dump}");
+    let log = agent.log().unwrap();
+    assert!(log.contains("not declared HTTP"), "{log}");
+}
