@@ -46,6 +46,18 @@ const RESOURCES: &[Resource] = &[
         "AuthorizationPolicy",
         true,
     ),
+    (
+        "/apis/networking.istio.io/v1/virtualservices",
+        "networking.istio.io/v1",
+        "VirtualService",
+        true,
+    ),
+    (
+        "/apis/networking.istio.io/v1/destinationrules",
+        "networking.istio.io/v1",
+        "DestinationRule",
+        true,
+    ),
 ];
 
 type Resource = (&'static str, &'static str, &'static str, bool);

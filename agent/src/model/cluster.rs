@@ -1244,6 +1244,86 @@ spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wayp
     }
 
     #[test]
+    fn routing_lookups_and_rules_for_tcp_ports_are_reported() {
+        let text = "
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mongo, namespace: db}
+spec:
+  clusterIP: 10.96.0.30
+  ports: [{name: mongo, port: 27017}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mongo, namespace: default}
+spec:
+  hosts: [mongo.db]
+  http: [{route: [{destination: {host: mongo.db}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: gateway, namespace: default}
+spec:
+  hosts: [mongo.db.svc.cluster.local]
+  gateways: [bookinfo-gateway]
+  http: [{route: [{destination: {host: mongo.db}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec: {host: reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-from-test, namespace: test}
+spec: {host: reviews.default.svc.cluster.local}
+";
+        let cluster = cluster(text);
+        let reviews = "reviews.default.svc.cluster.local";
+        assert_eq!(
+            cluster.service_by_hostname(reviews).unwrap().name,
+            "reviews"
+        );
+        assert!(cluster.service_by_hostname("reviews.default").is_none());
+        assert_eq!(
+            cluster.virtual_service_for(reviews).unwrap().name,
+            "reviews"
+        );
+        // The gateway's VirtualService does not touch mesh traffic.
+        let mongo = cluster.virtual_service_for("mongo.db.svc.cluster.local");
+        assert_eq!(mongo.unwrap().name, "mongo");
+        let rule = |namespace| cluster.destination_rule_for(reviews, namespace).unwrap();
+        assert_eq!(rule("test").name, "reviews-from-test");
+        assert_eq!(rule("default").name, "reviews");
+        assert_eq!(rule("elsewhere").name, "reviews", "the service's namespace");
+        let [warning] = cluster.routing_warnings() else {
+            panic!("{:?}", cluster.routing_warnings())
+        };
+        assert_eq!(warning.object, "VirtualService default/mongo");
+        assert!(
+            warning.message.starts_with(
+                "http rules for mongo.db.svc.cluster.local port 27017, which is not declared HTTP"
+            ),
+            "{}",
+            warning.message
+        );
+    }
+
+    #[test]
     fn serializes_for_config_dump() {
         let dump = serde_json::to_value(bookinfo()).unwrap();
         assert_eq!(dump["workloads"].as_array().unwrap().len(), 6);

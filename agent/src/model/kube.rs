@@ -99,13 +99,30 @@ pub const AUTHORIZATION_POLICIES: WatchedKind = WatchedKind {
     optional: true,
 };
 
+pub const VIRTUAL_SERVICES: WatchedKind = WatchedKind {
+    group: "networking.istio.io",
+    version: "v1",
+    kind: "VirtualService",
+    plural: "virtualservices",
+    optional: true,
+};
+pub const DESTINATION_RULES: WatchedKind = WatchedKind {
+    group: "networking.istio.io",
+    version: "v1",
+    kind: "DestinationRule",
+    plural: "destinationrules",
+    optional: true,
+};
+
 /// Everything the source watches.
-pub const WATCHED: [WatchedKind; 5] = [
+pub const WATCHED: [WatchedKind; 7] = [
     NAMESPACES,
     PODS,
     SERVICES,
     ENDPOINT_SLICES,
     AUTHORIZATION_POLICIES,
+    VIRTUAL_SERVICES,
+    DESTINATION_RULES,
 ];
 
 /// Changes that come together (a Deployment's pods, an EndpointSlice after
@@ -157,8 +174,18 @@ pub fn watch(client: Client, options: BuildOptions) -> ModelWatch {
         reflectors.clone(),
     ));
     tasks.spawn(reflect(
-        Api::<DynamicObject>::all_with(client, &AUTHORIZATION_POLICIES.resource()),
+        Api::<DynamicObject>::all_with(client.clone(), &AUTHORIZATION_POLICIES.resource()),
         AUTHORIZATION_POLICIES,
+        reflectors.clone(),
+    ));
+    tasks.spawn(reflect(
+        Api::<DynamicObject>::all_with(client.clone(), &VIRTUAL_SERVICES.resource()),
+        VIRTUAL_SERVICES,
+        reflectors.clone(),
+    ));
+    tasks.spawn(reflect(
+        Api::<DynamicObject>::all_with(client, &DESTINATION_RULES.resource()),
+        DESTINATION_RULES,
         reflectors.clone(),
     ));
 
@@ -443,6 +470,8 @@ mod tests {
         assert_eq!(named(SERVICES), typed::<Service>());
         assert_eq!(named(ENDPOINT_SLICES), typed::<EndpointSlice>());
         assert_eq!(AUTHORIZATION_POLICIES.api_version(), "security.istio.io/v1");
+        assert_eq!(VIRTUAL_SERVICES.api_version(), "networking.istio.io/v1");
+        assert_eq!(DESTINATION_RULES.api_version(), "networking.istio.io/v1");
     }
 
     /// The DaemonSet's ClusterRole grants exactly what the source calls:

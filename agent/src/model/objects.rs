@@ -947,6 +947,191 @@ spec:
         );
     }
 
+    const ROUTES: &str = "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers: {end-user: {exact: jason}}
+      uri: {prefix: /reviews}
+    route:
+    - destination: {host: reviews, subset: v2}
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"gateway-error,connect-failure,503\"}
+    timeout: 10s
+  - route:
+    - {destination: {host: reviews.other, subset: v1}, weight: 90}
+    - {destination: {host: ratings.bookinfo.svc.cluster.local, port: {number: 9080}}, weight: 10}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}
+";
+
+    #[test]
+    fn parses_virtual_services_and_destination_rules_of_every_version() {
+        let alpha = ROUTES.replace(
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        );
+        for text in [ROUTES, alpha.as_str()] {
+            let parsed = parse(text).unwrap();
+            assert_eq!(parsed.warnings, []);
+            let Object::VirtualService(vs) = &parsed.objects[0] else {
+                panic!("{:?}", parsed.objects[0])
+            };
+            let vs = vs.translate().unwrap().value;
+            assert_eq!(vs.hosts, ["reviews.bookinfo.svc.cluster.local"]);
+            assert!(vs.mesh);
+            let rule = &vs.http[0];
+            assert_eq!(rule.timeout, Some(std::time::Duration::from_secs(10)));
+            let retries = rule.retries.as_ref().unwrap();
+            assert_eq!(retries.attempts, 3);
+            assert!(retries.retry_on.gateway_error && retries.retry_on.connect_failure);
+            assert_eq!(retries.retry_on.retriable_status_codes, [503]);
+            let hosts: Vec<&str> = vs.http[1].routes.iter().map(|r| r.host.as_str()).collect();
+            assert_eq!(
+                hosts,
+                [
+                    "reviews.other.svc.cluster.local",
+                    "ratings.bookinfo.svc.cluster.local"
+                ]
+            );
+            assert_eq!(vs.http[1].routes[1].port, Some(9080));
+            let Object::DestinationRule(dr) = &parsed.objects[1] else {
+                panic!()
+            };
+            let dr = dr.translate().unwrap().value;
+            assert_eq!(dr.host, "reviews.bookinfo.svc.cluster.local");
+            assert_eq!(dr.load_balancer, Some(crate::routing::LoadBalancer::Random));
+            assert_eq!(
+                dr.subset("v2").unwrap().load_balancer,
+                Some(crate::routing::LoadBalancer::RoundRobin)
+            );
+        }
+        assert!(
+            parse(&ROUTES.replace("networking.istio.io/v1\n", "networking.istio.io/v2\n"))
+                .unwrap()
+                .warnings[0]
+                .message
+                .contains("not supported yet")
+        );
+    }
+
+    #[test]
+    fn routing_errors_name_the_field() {
+        let cases = [
+            (
+                "timeout: 10s",
+                "timeout: 10 seconds",
+                "spec.http[0].timeout",
+                "\"10 seconds\" is not a duration such as 1s or 100ms",
+            ),
+            (
+                "{exact: jason}",
+                "{exact: jason, prefix: j}",
+                "spec.http[0].match[0].headers[\"end-user\"]",
+                "exactly one of exact, prefix and regex must be set",
+            ),
+            (
+                "{prefix: /reviews}",
+                "{regex: \"/reviews[\"}",
+                "spec.http[0].match[0].uri.regex",
+                "",
+            ),
+            (
+                "connect-failure,503",
+                "connect-failure,sometimes",
+                "spec.http[0].retries.retryOn",
+                "\"sometimes\" is not a retry condition that Istio knows, nor a status code",
+            ),
+            (
+                "weight: 90",
+                "weight: -90",
+                "spec.http[1].route[0].weight",
+                "must not be negative",
+            ),
+            (
+                "simple: RANDOM",
+                "simple: FASTEST",
+                "spec.trafficPolicy.loadBalancer.simple",
+                "\"FASTEST\" is not ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH",
+            ),
+            (
+                "{name: v1,",
+                "{name: v2,",
+                "spec.subsets[1].name",
+                "\"v2\" is defined twice",
+            ),
+        ];
+        for (from, to, field, message) in cases {
+            assert!(ROUTES.contains(from), "{from}");
+            let error = only_error(&ROUTES.replace(from, to));
+            assert_eq!(error.field, field, "{error}");
+            assert!(error.message.starts_with(message), "{error}");
+        }
+        // Fields that Istio does not have are errors too.
+        let error = only_error(&ROUTES.replace("timeout: 10s", "timeout: 10s\n    timeOut: 1s"));
+        assert_eq!(error.field, "spec.http[0].timeOut");
+        assert!(
+            error.message.starts_with("unknown field `timeOut`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unimplemented_routing_fields_are_warnings() {
+        let text = ROUTES
+            .replace("    timeout: 10s\n", "    timeout: 10s\n    corsPolicy: {allowOrigins: [{exact: a}]}\n    mirror: {host: shadow}\n")
+            .replace("simple: RANDOM}", "simple: RANDOM}, outlierDetection: {consecutive5xxErrors: 7}")
+            .replace("spec:\n  hosts: [reviews]\n", "spec:\n  hosts: [reviews]\n  tcp: [{route: [{destination: {host: reviews}}]}]\n");
+        let parsed = parse(&text).unwrap();
+        assert_eq!(parsed.objects.len(), 2, "the objects are used");
+        let warnings: Vec<(&str, &str)> = parsed
+            .warnings
+            .iter()
+            .map(|w| (w.field.as_str(), w.message.as_str()))
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                (
+                    "spec.tcp",
+                    "not implemented in weir yet: these routes are ignored, the traffic is forwarded at L4"
+                ),
+                (
+                    "spec.http[0].mirror",
+                    "not implemented in weir yet: ignored"
+                ),
+                (
+                    "spec.http[0].corsPolicy",
+                    "not implemented in weir yet: ignored"
+                ),
+                (
+                    "spec.trafficPolicy.outlierDetection",
+                    "not implemented in weir yet: ignored"
+                ),
+            ]
+        );
+        // A gateway's VirtualService is loaded but is not for the mesh.
+        let gateway = ROUTES.replace(
+            "  hosts: [reviews]\n",
+            "  hosts: [reviews]\n  gateways: [bookinfo-gateway]\n",
+        );
+        let Object::VirtualService(vs) = &parse(&gateway).unwrap().objects[0] else {
+            panic!()
+        };
+        assert!(!vs.translate().unwrap().value.mesh);
+    }
+
     #[test]
     fn documents_need_kind_api_version_and_name() {
         let missing_kind = only_error("apiVersion: v1\nmetadata: {name: x}\n---\n");
