@@ -679,3 +679,284 @@ spec:
     let log = agent.log().unwrap();
     assert!(log.contains("not declared HTTP"), "{log}");
 }
+
+/// An h2c server in `pod`, shaped like gRPC: each answer says the path and
+/// how many request bytes came, and ends with the trailer `grpc-status: 0`.
+fn serve_h2c(pod: &Pod) {
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+
+    let listener = pod.listen(PORT).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        let path = request.uri().path().to_owned();
+                        let te = request.headers().get("te").cloned();
+                        let body = request.into_body().collect().await?.to_bytes();
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        let answer = format!("grpc v1 {path} {} te={te:?}", body.len());
+                        let frames = [Frame::data(answer.into()), Frame::trailers(trailers)];
+                        Ok::<_, hyper::Error>(hyper::Response::new(Frames(frames.into())))
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+    });
+}
+
+/// A body of frames that are all there, whose length is not told.
+struct Frames(std::collections::VecDeque<hyper::body::Frame<bytes::Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+#[test]
+fn h2c_and_grpc_pass_through_with_trailers() {
+    use http_body_util::{BodyExt, Full};
+
+    let mut sb = Sandbox::new(SandboxOptions::for_test("http-h2c")).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("client", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "client"),
+        )
+        .unwrap();
+    let server = sb
+        .add_pod(
+            PodSpec::new("greeter-v1", NodeId::Xuegod64)
+                .label("app", "greeter")
+                .label("version", "v1"),
+        )
+        .unwrap();
+    serve_h2c(&server);
+    let vip = sb.addressing().service_ip(40);
+    sb.write_manifest(
+        "greeter.yaml",
+        &format!(
+            "
+apiVersion: v1
+kind: Service
+metadata: {{name: greeter, namespace: default}}
+spec:
+  clusterIP: {vip}
+  selector: {{app: greeter}}
+  ports: [{{name: api, port: {PORT}, appProtocol: grpc}}]
+"
+        ),
+    )
+    .unwrap();
+    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = client.connect(SocketAddr::from((vip, PORT))).unwrap();
+    assert!(redirected(&stream));
+    stream.set_nonblocking(true).unwrap();
+    runtime.block_on(async move {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        // Several calls on one connection; the last with a body of unknown
+        // length, which the proxy streams.
+        for (i, streamed) in [(0, false), (1, false), (2, true)] {
+            let payload = bytes::Bytes::from(vec![b'x'; 100 + i]);
+            let body = if streamed {
+                Frames([hyper::body::Frame::data(payload)].into()).boxed()
+            } else {
+                Full::new(payload).map_err(|never| match never {}).boxed()
+            };
+            let request =
+                hyper::Request::post(format!("http://greeter:{PORT}/helloworld.Greeter/SayHello"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(body)
+                    .unwrap();
+            let response = tokio::time::timeout(IO_TIMEOUT, sender.send_request(request))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.version(), hyper::Version::HTTP_2);
+            let collected = response.into_body().collect().await.unwrap();
+            let trailers = collected.trailers().cloned().expect("trailers");
+            assert_eq!(trailers["grpc-status"], "0");
+            let body = String::from_utf8(collected.to_bytes().to_vec()).unwrap();
+            assert_eq!(
+                body,
+                format!(
+                    "grpc v1 /helloworld.Greeter/SayHello {} te=Some(\"trailers\")",
+                    100 + i
+                )
+            );
+        }
+    });
+    let requests = metric(
+        &agent,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "greeter"),
+            ("destination_version", "v1"),
+            ("response_code", "200"),
+        ],
+    );
+    assert_eq!(requests, 3.0, "{}", agent.metrics().unwrap());
+}
+
+/// Istio's timeout task: a delay injected on ratings (seen by reviews'
+/// proxy) and a timeout on reviews (applied by productpage's): the client
+/// gets 504 after the timeout, not the ratings answer after the delay.
+#[test]
+fn bookinfo_timeout_with_a_delay_on_ratings() {
+    let mut sb = Sandbox::new(SandboxOptions::for_test("http-bookinfo-timeout")).unwrap();
+    let meshed = |name: &str, app: &str| {
+        PodSpec::new(name, NodeId::Xuegod63)
+            .label("weir.dev/mesh", "enabled")
+            .label("app", app)
+            .label("version", "v1")
+    };
+    let productpage = sb.add_pod(meshed("productpage-v1", "productpage")).unwrap();
+    let reviews = sb.add_pod(meshed("reviews-v2", "reviews")).unwrap();
+    let ratings = sb
+        .add_pod(
+            PodSpec::new("ratings-v1", NodeId::Xuegod64)
+                .label("app", "ratings")
+                .label("version", "v1"),
+        )
+        .unwrap();
+    serve_http(&ratings, app("ratings", "v1"));
+    let ratings_vip = SocketAddr::from((sb.addressing().service_ip(51), PORT));
+    // reviews calls ratings, through its own node proxy, for each request.
+    let caller = reviews.clone();
+    serve_http(
+        &reviews,
+        Arc::new(move |_| {
+            let answer = poll(&caller, ratings_vip, "ratings", &[]);
+            let body = match answer {
+                Some(r) => format!("reviews v2, ratings said {} {}", r.status, r.body),
+                None => "reviews v2, ratings unreachable".to_owned(),
+            };
+            (200, body, Duration::ZERO)
+        }),
+    );
+    let reviews_vip = SocketAddr::from((sb.addressing().service_ip(50), PORT));
+    for (name, vip) in [("reviews", reviews_vip), ("ratings", ratings_vip)] {
+        let SocketAddr::V4(vip) = vip else {
+            unreachable!()
+        };
+        sb.add_http_service(name, "default", *vip.ip(), PORT, PORT, &[("app", name)])
+            .unwrap();
+    }
+    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    wait_until("reviews answers with ratings", || {
+        poll(&productpage, reviews_vip, "reviews", &[])
+            .is_some_and(|r| r.body == "reviews v2, ratings said 200 ratings v1")
+    });
+
+    // As in Istio's task, with its times shortened: a 1 s delay for jason
+    // on ratings, a 0.5 s timeout on reviews.
+    sb.write_manifest(
+        "ratings-delay.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 1s
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ratings
+spec:
+  host: ratings
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+    - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+    timeout: 0.5s
+",
+    )
+    .unwrap();
+    wait_until("the delay and the timeout apply", || {
+        poll(&productpage, reviews_vip, "reviews", &[]).is_some_and(|r| r.status == 504)
+    });
+    let started = Instant::now();
+    let response = poll(&productpage, reviews_vip, "reviews", &[]).unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (504, "upstream request timeout")
+    );
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1000),
+        "{took:?}"
+    );
+    // reviews itself got its answer from ratings, a second late.
+    wait_until("the delayed ratings call is counted", || {
+        metric(
+            &agent,
+            "istio_requests_total",
+            &[
+                ("source_workload", "reviews-v2"),
+                ("destination_service_name", "ratings"),
+                ("response_flags", "DI"),
+            ],
+        ) >= 1.0
+    });
+}

@@ -61,7 +61,7 @@ fn original_destination(
     )))
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &ProxyContext) {
+async fn handle(client: TcpStream, peer: SocketAddr, pod: &Arc<PodProxy>, ctx: &Arc<ProxyContext>) {
     let Some(orig) = original_destination(&client, peer, pod, ctx) else {
         ctx.orig_dst_misses.fetch_add(1, Relaxed);
         debug!(pod = %pod.key, %peer, "no original destination; refused");
@@ -78,7 +78,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &Proxy
     // A Service port declared HTTP: served request by request, with routes.
     if let Some((host, port)) = super::http::http_service(&cluster, orig) {
         drop(cluster);
-        return super::http::serve(client, pod, ctx, host, port).await;
+        return super::http::serve(client, pod.clone(), ctx.clone(), host, port).await;
     }
     let target = match ctx.balancer.resolve(&cluster, orig) {
         Ok(target) => target,

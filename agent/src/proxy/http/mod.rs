@@ -1,15 +1,19 @@
 //! The outbound HTTP path: connections to a Service port that Istio's rules
 //! declare HTTP (see [`routing::is_http_port`]) are served here with hyper
-//! (HTTP/1.1 with keep-alive) instead of being copied at L4. Each request
+//! (HTTP/1.1 with keep-alive, or HTTP/2 with prior knowledge, h2c, as gRPC
+//! uses it; told apart by the connection's first bytes) instead of being
+//! copied at L4. Each request
 //! takes a route of the service's VirtualService, or the service itself,
 //! and goes to an endpoint over a pooled upstream connection made in the
 //! source pod's namespace, with Istio's timeouts, retries and faults, and
 //! is counted in Istio's HTTP metrics.
 //!
 //! Each upstream endpoint is checked against the destination's
-//! AuthorizationPolicy as on the L4 path. Request bodies are read whole
-//! before forwarding, so that a retry can send them again; responses
-//! stream through.
+//! AuthorizationPolicy as on the L4 path. A request body of known length up
+//! to [`MAX_BUFFERED`] is read whole before forwarding, so that a retry can
+//! send it again; any other body streams, and its request is tried once.
+//! Responses stream through. Requests go upstream in the protocol they came
+//! in, as Istio's sidecar does.
 
 mod balance;
 mod fault;
@@ -21,15 +25,16 @@ use std::cell::Cell;
 use std::convert::Infallible;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -43,6 +48,9 @@ use retry::Outcome;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// The largest request body kept for retries, as Envoy's default buffer.
+pub const MAX_BUFFERED: u64 = 1 << 20;
+
 /// The service port a connection to `orig` is for, when `orig` is a
 /// ClusterIP and the port is HTTP: its hostname and port.
 pub fn http_service(cluster: &Cluster, orig: SocketAddr) -> Option<(String, u16)> {
@@ -52,30 +60,38 @@ pub fn http_service(cluster: &Cluster, orig: SocketAddr) -> Option<(String, u16)
 
 /// Serves one app connection to the HTTP service `host`:`port`, request by
 /// request, until the app closes it.
-pub async fn serve(client: TcpStream, pod: &PodProxy, ctx: &ProxyContext, host: String, port: u16) {
+pub async fn serve(
+    client: TcpStream,
+    pod: Arc<PodProxy>,
+    ctx: Arc<ProxyContext>,
+    host: String,
+    port: u16,
+) {
     let _ = client.set_nodelay(true);
-    let connection = Connection {
+    let connection = Arc::new(Connection {
         pod,
         ctx,
         host,
         port,
-    };
-    let connection = &connection;
-    let service = hyper::service::service_fn(move |request| async move {
-        Ok::<_, Infallible>(connection.request(request).await)
     });
-    let served = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
+    let service = {
+        let connection = connection.clone();
+        hyper::service::service_fn(move |request| {
+            let connection = connection.clone();
+            async move { Ok::<_, Infallible>(connection.request(request).await) }
+        })
+    };
+    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(client), service)
         .await;
     if let Err(error) = served {
-        debug!(pod = %pod.key, %error, "HTTP connection ended");
+        debug!(pod = %connection.pod.key, %error, "HTTP connection ended");
     }
 }
 
-struct Connection<'a> {
-    pod: &'a PodProxy,
-    ctx: &'a ProxyContext,
+struct Connection {
+    pod: Arc<PodProxy>,
+    ctx: Arc<ProxyContext>,
     /// The service the app connected to, and its port.
     host: String,
     port: u16,
@@ -119,7 +135,7 @@ const BAD_REQUEST: MadeUp = MadeUp {
     body: "",
 };
 
-impl Connection<'_> {
+impl Connection {
     async fn request(&self, request: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let cluster = self.ctx.cluster.borrow().clone();
@@ -174,6 +190,7 @@ impl Connection<'_> {
             .headers
             .get(header::HOST)
             .and_then(|host| host.to_str().ok())
+            .or(parts.uri.authority().map(|authority| authority.as_str()))
             .unwrap_or_default()
             .to_owned();
         let view = route::RequestView {
@@ -288,7 +305,7 @@ impl Connection<'_> {
             let flags = if fault_flags.is_some() { "DI,FI" } else { "FI" };
             return (made_up(&abort), flags, None, service_name);
         }
-        let (timeout, retries) = match (fault, rule) {
+        let (timeout, mut retries) = match (fault, rule) {
             (Some(_), _) => (
                 None,
                 RetryPolicy {
@@ -305,15 +322,26 @@ impl Connection<'_> {
             (None, None) => (None, RetryPolicy::istio_default()),
         };
 
-        let body = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) => {
-                debug!(pod = %self.pod.key, %error, "reading the request body");
-                return (made_up(&BAD_REQUEST), BAD_REQUEST.flags, None, service_name);
+        let known = body
+            .size_hint()
+            .exact()
+            .is_some_and(|size| size <= MAX_BUFFERED);
+        let body = if known {
+            match body.collect().await {
+                Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
+                Err(error) => {
+                    debug!(pod = %self.pod.key, %error, "reading the request body");
+                    return (made_up(&BAD_REQUEST), BAD_REQUEST.flags, None, service_name);
+                }
             }
+        } else {
+            // Streams (gRPC streams, chunked uploads) cannot be sent twice.
+            retries.attempts = 0;
+            RequestBody::Streaming(Mutex::new(Some(body)))
         };
         let tries = Tries {
             connection: self,
+            authority: &authority,
             cluster,
             source,
             parts: &parts,
@@ -338,13 +366,20 @@ impl Connection<'_> {
     }
 }
 
+enum RequestBody {
+    Buffered(Bytes),
+    /// Taken by the one try.
+    Streaming(Mutex<Option<Incoming>>),
+}
+
 /// The tries of one request: the first and its retries.
 struct Tries<'a> {
-    connection: &'a Connection<'a>,
+    connection: &'a Connection,
+    authority: &'a str,
     cluster: &'a Cluster,
     source: Option<&'a Workload>,
     parts: &'a hyper::http::request::Parts,
-    body: Bytes,
+    body: RequestBody,
     endpoints: &'a [(SocketAddr, Option<WorkloadKey>)],
     policy: &'a RetryPolicy,
     load_balancer: LoadBalancer,
@@ -441,7 +476,7 @@ impl Tries<'_> {
             .first()
             .copied()
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let ctx = self.connection.ctx;
+        let ctx = &self.connection.ctx;
         let verdict = ctx
             .authorizer
             .check(self.cluster, source_ip, destination, addr);
@@ -455,23 +490,24 @@ impl Tries<'_> {
     /// One try on a pooled connection, or a new one; a pooled connection
     /// that turns out closed before the request went out is replaced.
     async fn once(&self, cookie: u64, addr: SocketAddr) -> Result<Response<Body>, Outcome> {
+        let http2 = self.parts.version == Version::HTTP_2;
         let mut request = Some(self.request());
-        let mut pooled = pool::take(cookie, addr);
+        let mut pooled = pool::take(cookie, addr, http2);
         loop {
             let fresh = pooled.is_none();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => pool::connect(&self.connection.pod.factory, addr)
+                None => pool::connect(&self.connection.pod.factory, addr, http2)
                     .await
                     .map_err(|error| {
                         debug!(%addr, %error, "upstream connect failed");
                         Outcome::ConnectFailure
                     })?,
             };
-            let sent = sender
-                .try_send_request(request.take().expect("a request to send"))
-                .await;
-            match sent {
+            match sender
+                .send(request.take().expect("a request to send"))
+                .await
+            {
                 Ok(response) => {
                     pool::put(cookie, addr, sender);
                     let (mut parts, body) = response.into_parts();
@@ -481,22 +517,49 @@ impl Tries<'_> {
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if !fresh => request = Some(unsent),
                     _ => {
-                        debug!(%addr, error = %error.error(), "upstream request failed");
-                        return Err(Outcome::Reset);
+                        let error = error.into_error();
+                        debug!(%addr, %error, "upstream request failed");
+                        // hyper does not expose h2's reason code; its
+                        // debug form names it.
+                        let refused = format!("{error:?}").contains("REFUSED_STREAM");
+                        return Err(if refused {
+                            Outcome::RefusedStream
+                        } else {
+                            Outcome::Reset
+                        });
                     }
                 },
             }
         }
     }
 
-    fn request(&self) -> Request<Full<Bytes>> {
-        let mut request = Request::new(Full::new(self.body.clone()));
+    fn request(&self) -> Request<Body> {
+        let body = match &self.body {
+            RequestBody::Buffered(bytes) => Full::new(bytes.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+            RequestBody::Streaming(body) => match body.lock().unwrap().take() {
+                Some(body) => body.boxed(),
+                None => Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            },
+        };
+        let mut request = Request::new(body);
         *request.method_mut() = self.parts.method.clone();
-        *request.uri_mut() = self
+        *request.version_mut() = self.parts.version;
+        let path = self
             .parts
             .uri
             .path_and_query()
-            .map_or_else(|| "/".parse().unwrap(), |pq| pq.as_str().parse().unwrap());
+            .map_or("/", |pq| pq.as_str());
+        // HTTP/2 carries the authority in the URI, HTTP/1.1 in Host.
+        let uri = if self.parts.version == Version::HTTP_2 {
+            format!("http://{}{path}", self.authority)
+        } else {
+            path.to_owned()
+        };
+        *request.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
         *request.headers_mut() = self.parts.headers.clone();
         request
     }
