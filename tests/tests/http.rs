@@ -404,6 +404,49 @@ fn request_routing_and_traffic_shifting() {
     let text = b.agent.metrics().unwrap();
     assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
     assert!(text.contains("le=\"0.5\""));
+    // Consistent hashing on a header: each user stays on one version.
+    b.sb.write_manifest(
+        "destination-rule-all.yaml",
+        &format!(
+            "{DESTINATION_RULE_ALL}  trafficPolicy:\n    loadBalancer:\n      consistentHash:\n        httpHeaderName: x-user\n"
+        ),
+    )
+    .unwrap();
+    b.apply(
+        "virtual-service.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+",
+        |client| {
+            (0..10).all(|_| {
+                client.get("/", &[("x-user", "u1")]).body
+                    == client.get("/", &[("x-user", "u1")]).body
+            }) && (0..20).any(|_| client.get("/", &[]).body != "reviews v1")
+        },
+    );
+    let mut client = b.client("reviews", b.reviews);
+    let mut versions = std::collections::BTreeSet::new();
+    for user in 0..12 {
+        let user = format!("user-{user}");
+        let first = client.get("/", &[("x-user", &user)]).body;
+        for _ in 0..5 {
+            assert_eq!(
+                client.get("/", &[("x-user", &user)]).body,
+                first,
+                "{user} moved"
+            );
+        }
+        versions.insert(first);
+    }
+    assert!(versions.len() >= 2, "{versions:?}");
+
     let dump = b.agent.config_dump().unwrap();
     assert_eq!(
         dump["cluster"]["virtual_services"][0]["name"], "reviews",

@@ -1066,6 +1066,18 @@ spec:
                 "\"FASTEST\" is not ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH",
             ),
             (
+                "simple: RANDOM",
+                "simple: RANDOM, consistentHash: {useSourceIp: true}",
+                "spec.trafficPolicy.loadBalancer",
+                "only one of simple and consistentHash may be set",
+            ),
+            (
+                "simple: RANDOM",
+                "consistentHash: {httpHeaderName: x-user, useSourceIp: true}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "exactly one of httpHeaderName, httpCookie, useSourceIp and httpQueryParameterName must be set",
+            ),
+            (
                 "{name: v1,",
                 "{name: v2,",
                 "spec.subsets[1].name",

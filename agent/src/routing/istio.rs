@@ -211,10 +211,31 @@ pub struct TrafficPolicy {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSettings {
     pub simple: Option<String>,
-    pub consistent_hash: Unimplemented,
+    pub consistent_hash: Option<ConsistentHashLb>,
     pub locality_lb_setting: Unimplemented,
     pub warmup_duration_secs: Unimplemented,
     pub warmup: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHashLb {
+    pub http_header_name: Option<String>,
+    pub http_cookie: Option<HttpCookie>,
+    pub use_source_ip: Option<bool>,
+    pub http_query_parameter_name: Option<String>,
+    pub ring_hash: Unimplemented,
+    pub maglev: Unimplemented,
+    pub minimum_ring_size: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCookie {
+    pub name: String,
+    pub path: Option<String>,
+    pub ttl: Option<String>,
+    pub attributes: Unimplemented,
 }
 
 /// Only `mode` is read; the rest is for TLS origination, which weir does

@@ -229,7 +229,7 @@ pub struct Subset {
     pub load_balancer: Option<LoadBalancer>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LoadBalancer {
     RoundRobin,
@@ -237,6 +237,20 @@ pub enum LoadBalancer {
     #[default]
     LeastRequest,
     Random,
+    /// The same key goes to the same endpoint while the endpoints stay
+    /// (rendezvous hashing); a request without the key goes to a random one.
+    ConsistentHash(HashKey),
+}
+
+/// What `consistentHash` hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    /// Lowercase.
+    Header(String),
+    Cookie(String),
+    SourceIp,
+    QueryParameter(String),
 }
 
 /// A Go duration as Istio's CRDs take it: `10s`, `0.5s`, `100ms`, `1m30s`.

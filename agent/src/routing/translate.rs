@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::istio;
 use super::{
-    DestinationRule, Fault, FaultAbort, FaultDelay, HttpRule, LoadBalancer, Pattern, RequestMatch,
-    RetryOn, RetryPolicy, StringMatcher, Subset, VirtualService, WeightedDestination,
+    DestinationRule, Fault, FaultAbort, FaultDelay, HashKey, HttpRule, LoadBalancer, Pattern,
+    RequestMatch, RetryOn, RetryPolicy, StringMatcher, Subset, VirtualService, WeightedDestination,
     parse_duration,
 };
 use crate::model::FieldError;
@@ -173,13 +173,19 @@ impl Checker {
         self.unimplemented(
             &path,
             &[
-                ("consistentHash", &load_balancer.consistent_hash),
                 ("localityLbSetting", &load_balancer.locality_lb_setting),
                 ("warmupDurationSecs", &load_balancer.warmup_duration_secs),
                 ("warmup", &load_balancer.warmup),
             ],
             "the default, LEAST_REQUEST, is used",
         );
+        if let Some(hash) = &load_balancer.consistent_hash {
+            if load_balancer.simple.is_some() {
+                self.error(path, "only one of simple and consistentHash may be set");
+                return None;
+            }
+            return self.consistent_hash(&format!("{path}.consistentHash"), hash);
+        }
         match load_balancer.simple.as_deref()? {
             "ROUND_ROBIN" => Some(LoadBalancer::RoundRobin),
             "LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED" => Some(LoadBalancer::LeastRequest),
@@ -199,6 +205,51 @@ impl Checker {
                 None
             }
         }
+    }
+}
+
+impl Checker {
+    fn consistent_hash(
+        &mut self,
+        path: &str,
+        hash: &istio::ConsistentHashLb,
+    ) -> Option<LoadBalancer> {
+        self.unimplemented(
+            path,
+            &[
+                ("ringHash", &hash.ring_hash),
+                ("maglev", &hash.maglev),
+                ("minimumRingSize", &hash.minimum_ring_size),
+            ],
+            "weir hashes by rendezvous, which needs no table: ignored",
+        );
+        let mut keys = Vec::new();
+        if let Some(header) = &hash.http_header_name {
+            keys.push(HashKey::Header(header.to_ascii_lowercase()));
+        }
+        if let Some(cookie) = &hash.http_cookie {
+            if cookie.ttl.is_some() || cookie.path.is_some() || cookie.attributes.is_some() {
+                self.warn(
+                    format!("{path}.httpCookie"),
+                    "weir does not set the cookie yet: requests without it go to a random endpoint",
+                );
+            }
+            keys.push(HashKey::Cookie(cookie.name.clone()));
+        }
+        if hash.use_source_ip == Some(true) {
+            keys.push(HashKey::SourceIp);
+        }
+        if let Some(name) = &hash.http_query_parameter_name {
+            keys.push(HashKey::QueryParameter(name.clone()));
+        }
+        if keys.len() != 1 {
+            self.error(
+                path,
+                "exactly one of httpHeaderName, httpCookie, useSourceIp and httpQueryParameterName must be set",
+            );
+            return None;
+        }
+        keys.pop().map(LoadBalancer::ConsistentHash)
     }
 }
 

@@ -52,9 +52,10 @@ fn active(cookie: u64, addr: SocketAddr) -> usize {
 pub fn choose(
     endpoints: &[SocketAddr],
     tried: &[SocketAddr],
-    policy: LoadBalancer,
+    policy: &LoadBalancer,
     cookie: u64,
     group: (&str, &str),
+    hash: Option<u64>,
 ) -> SocketAddr {
     let fresh: Vec<SocketAddr> = endpoints
         .iter()
@@ -71,6 +72,14 @@ pub fn choose(
     };
     match policy {
         LoadBalancer::Random => pick(random()),
+        LoadBalancer::ConsistentHash(_) => match hash {
+            // Rendezvous: the endpoint with the highest score for the key.
+            Some(hash) => *candidates
+                .iter()
+                .max_by_key(|addr| score(hash, addr))
+                .expect("candidates are never empty"),
+            None => pick(random()),
+        },
         LoadBalancer::RoundRobin => {
             let mut turns = TURNS.lock().unwrap();
             let turn = turns
@@ -92,6 +101,13 @@ pub fn choose(
     }
 }
 
+fn score(hash: u64, addr: &SocketAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (hash, addr).hash(&mut hasher);
+    hasher.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,7 +122,16 @@ mod tests {
     fn round_robin_turns_and_avoids_tried_endpoints() {
         let endpoints = addrs(3);
         let picks: Vec<SocketAddr> = (0..6)
-            .map(|_| choose(&endpoints, &[], LoadBalancer::RoundRobin, 1, ("h", "")))
+            .map(|_| {
+                choose(
+                    &endpoints,
+                    &[],
+                    &LoadBalancer::RoundRobin,
+                    1,
+                    ("h", ""),
+                    None,
+                )
+            })
             .collect();
         assert_eq!(picks[..3], picks[3..]);
         assert_ne!(picks[0], picks[1]);
@@ -117,11 +142,45 @@ mod tests {
         ] {
             let tried = &endpoints[..2];
             assert_eq!(
-                choose(&endpoints, tried, policy, 2, ("h", "")),
+                choose(&endpoints, tried, &policy, 2, ("h", ""), None),
                 endpoints[2]
             );
             // With every endpoint tried, any will do.
-            assert!(endpoints.contains(&choose(&endpoints, &endpoints, policy, 2, ("h", ""))));
+            assert!(endpoints.contains(&choose(
+                &endpoints,
+                &endpoints,
+                &policy,
+                2,
+                ("h", ""),
+                None
+            )));
+        }
+    }
+
+    #[test]
+    fn consistent_hash_keeps_a_key_on_its_endpoint() {
+        let policy = LoadBalancer::ConsistentHash(crate::routing::HashKey::SourceIp);
+        let endpoints = addrs(5);
+        let pick = |endpoints: &[SocketAddr], key| {
+            choose(endpoints, &[], &policy, 4, ("h", ""), Some(key))
+        };
+        let first: Vec<SocketAddr> = (0..200).map(|key| pick(&endpoints, key)).collect();
+        // Stable, and spread over every endpoint.
+        assert_eq!(
+            first,
+            (0..200)
+                .map(|key| pick(&endpoints, key))
+                .collect::<Vec<_>>()
+        );
+        for endpoint in &endpoints {
+            assert!(first.contains(endpoint), "{endpoint} never chosen");
+        }
+        // One endpoint gone: only its keys move.
+        let fewer = &endpoints[..4];
+        for (key, before) in (0..200).zip(&first) {
+            if *before != endpoints[4] {
+                assert_eq!(pick(fewer, key), *before, "key {key} moved");
+            }
         }
     }
 
@@ -133,7 +192,14 @@ mod tests {
             .collect::<Vec<_>>();
         let idle_picks = (0..100)
             .filter(|_| {
-                choose(&endpoints, &[], LoadBalancer::LeastRequest, 3, ("h", "")) == endpoints[1]
+                choose(
+                    &endpoints,
+                    &[],
+                    &LoadBalancer::LeastRequest,
+                    3,
+                    ("h", ""),
+                    None,
+                ) == endpoints[1]
             })
             .count();
         // Only when both draws land on the busy one does it win: ~25%.

@@ -43,7 +43,7 @@ use super::{PodProxy, ProxyContext, labels};
 use crate::metrics::Reporter;
 use crate::metrics::http::HttpLabels;
 use crate::model::{Cluster, Workload, WorkloadKey};
-use crate::routing::{self, LoadBalancer, RetryPolicy};
+use crate::routing::{self, HashKey, LoadBalancer, RetryPolicy};
 use retry::Outcome;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -283,9 +283,13 @@ impl Connection {
             );
         }
         let load_balancer = subset_rule
-            .and_then(|subset| subset.load_balancer)
-            .or(rule_set.and_then(|dr| dr.load_balancer))
+            .and_then(|subset| subset.load_balancer.clone())
+            .or(rule_set.and_then(|dr| dr.load_balancer.clone()))
             .unwrap_or_default();
+        let hash = match &load_balancer {
+            LoadBalancer::ConsistentHash(key) => hash_key(key, &parts, source),
+            _ => None,
+        };
 
         // Faults first; a route with faults has no timeout nor retries.
         let fault = rule.and_then(|rule| rule.fault.as_ref());
@@ -349,6 +353,7 @@ impl Connection {
             endpoints: &endpoints,
             policy: &retries,
             load_balancer,
+            hash,
             group: (&host, subset.as_deref().unwrap_or_default()),
         };
         let (response, flags, destination) = match timeout {
@@ -383,6 +388,8 @@ struct Tries<'a> {
     endpoints: &'a [(SocketAddr, Option<WorkloadKey>)],
     policy: &'a RetryPolicy,
     load_balancer: LoadBalancer,
+    /// The request's consistent-hash key, hashed.
+    hash: Option<u64>,
     group: (&'a str, &'a str),
 }
 
@@ -393,7 +400,14 @@ impl Tries<'_> {
         let mut tried = Vec::new();
         let mut try_number = 0;
         loop {
-            let addr = balance::choose(&addrs, &tried, self.load_balancer, cookie, self.group);
+            let addr = balance::choose(
+                &addrs,
+                &tried,
+                &self.load_balancer,
+                cookie,
+                self.group,
+                self.hash,
+            );
             tried.push(addr);
             let workload = self
                 .endpoints
@@ -563,6 +577,36 @@ impl Tries<'_> {
         *request.headers_mut() = self.parts.headers.clone();
         request
     }
+}
+
+/// The hash of what `key` names in the request, if it has it.
+fn hash_key(
+    key: &HashKey,
+    parts: &hyper::http::request::Parts,
+    source: Option<&Workload>,
+) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let value: String = match key {
+        HashKey::Header(name) => parts.headers.get(name.as_str())?.to_str().ok()?.to_owned(),
+        HashKey::Cookie(name) => parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .find_map(|pair| {
+                let (key, value) = pair.trim().split_once('=')?;
+                (key == name).then(|| value.to_owned())
+            })?,
+        HashKey::SourceIp => source?.ips.first()?.to_string(),
+        HashKey::QueryParameter(name) => parts.uri.query()?.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key == name).then(|| value.to_owned())
+        })?,
+    };
+    let mut hasher = std::hash::DefaultHasher::new();
+    value.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 const CONNECT_FAILURE: &str =
