@@ -80,6 +80,11 @@ struct RunArgs {
     /// REDIRECT in each pod for kernels without the cgroup hooks.
     #[arg(long, env = "WEIR_INTERCEPTION", value_enum, default_value_t = Interception::Ebpf)]
     interception: Interception,
+    /// Let the kernel carry established L4 flows from socket to socket
+    /// (sockmap), once policy has allowed them: `--fast-path false` keeps
+    /// every byte in the proxy. eBPF interception only.
+    #[arg(long, env = "WEIR_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    fast_path: bool,
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
     #[arg(long, env = "WEIR_HEALTH_ADDR", default_value = "0.0.0.0:15021")]
@@ -126,6 +131,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cni_socket: args.cni_socket,
         fail_mode: args.fail_mode,
         interception: args.interception,
+        fast_path: args.fast_path,
         metrics_addr: args.metrics_addr,
         health_addr: args.health_addr,
         admin_addr: args.admin_addr,

@@ -159,6 +159,10 @@ pub struct Metrics {
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpCounters>>>,
     /// Requests on HTTP ports (`proxy::http`).
     pub http: http::HttpMetrics,
+    /// Bytes of proxied connections that the kernel carried from socket to
+    /// socket (sockmap fast path), both directions, as of the last scrape
+    /// or close; also in the Istio byte counters.
+    pub kernel_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -253,6 +257,17 @@ impl Metrics {
         for (map, _, capacity) in &stats.maps {
             let _ = writeln!(out, "weir_map_capacity{{map=\"{map}\"}} {capacity}");
         }
+        header(
+            &mut out,
+            "weir_kernel_carried_bytes_total",
+            "Bytes of proxied connections that the kernel moved between their sockets (sockmap fast path).",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "weir_kernel_carried_bytes_total {}",
+            self.kernel_bytes.load(Relaxed)
+        );
         header(
             &mut out,
             "weir_enrolled_pods",

@@ -24,7 +24,7 @@ use crate::enrollment::{EnrolledPod, Enrollment, PodMaps};
 use crate::inpod::{self, NetnsFinder};
 use crate::metrics::{DatapathStats, Metrics};
 use crate::model::{self, BuildOptions, Cluster, ModelWatch};
-use crate::proxy::{Authorizer, Balancer, Connections, ProxyContext};
+use crate::proxy::{Authorizer, Balancer, Connections, FastPath, ProxyContext};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailMode {
@@ -64,6 +64,9 @@ pub struct RunConfig {
     pub cni_socket: Option<PathBuf>,
     pub fail_mode: FailMode,
     pub interception: Interception,
+    /// Let the kernel carry established flows (sockmap); eBPF interception
+    /// only.
+    pub fast_path: bool,
     pub metrics_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -82,6 +85,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let cgroup = config.cgroup.clone().unwrap_or_else(|| mount.clone());
     let own_cgroup = cgroup::own_cgroup()?;
     let own = mount.join(&own_cgroup);
+    let fast_path = config.fast_path && config.interception == Interception::Ebpf;
     let settings = Settings {
         agent_cgroup_id: cgroup::cgroup_id(&own)
             .with_context(|| format!("reading {}", own.display()))?,
@@ -89,6 +93,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             FailMode::Open => FAIL_OPEN,
             FailMode::Closed => FAIL_CLOSED,
         },
+        fast_path: u32::from(fast_path),
         ..Settings::default()
     };
     let pins = PinDir::for_node(&config.node);
@@ -126,7 +131,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         deny_cache: Mutex::new(maps.deny_cache),
         generation: AtomicU64::new(generation),
         interception: config.interception,
+        flows: fast_path.then(|| FastPath::new(maps.flows)),
     });
+    // Kept open while the agent runs; the verdict is attached to it.
+    let flow_sockets = maps.flow_sockets;
+    if let Some(fast) = &ctx.flows {
+        let swept = fast.table.sweep(&flow_sockets);
+        if swept > 0 {
+            info!(swept, "forgot the fast-path records of closed sockets");
+        }
+    }
     let pod_maps = Arc::new(Mutex::new(PodMaps {
         enrolled: maps.enrolled,
         listeners: maps.listeners,
@@ -292,6 +306,9 @@ impl Agent {
 
 impl AgentView for Agent {
     fn metrics(&self) -> String {
+        if let Some(fast) = &self.ctx.flows {
+            fast.report(&self.ctx.metrics);
+        }
         self.ctx.metrics.render(&self.stats())
     }
 

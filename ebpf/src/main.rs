@@ -11,12 +11,17 @@
 //! - `steer_inbound` (sk_lookup, attached to each enrolled pod's namespace)
 //!   hands connections for the pod's address, on any port, to the agent's
 //!   listener on 127.0.0.1:15006 in that namespace.
+//! - `carry_flow` (sk_skb stream verdict on `FLOW_SOCKETS`) hands the bytes
+//!   of an established, allowed flow straight to the peer socket, once user
+//!   space has forwarded everything it was given; sock_ops puts the proxy's
+//!   sockets into that map as they are established.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
@@ -24,15 +29,19 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         bpf_map_lookup_elem, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use weir_common::{
-    ConnKey, DENY_CACHE_ENTRIES, Decision, DenyKey, Direction, FAIL_CLOSED, INBOUND_DELIVERY_IP,
-    InboundConfig, MAX_ENROLLED_PODS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, ORIG_DST_ENTRIES,
-    OUTBOUND_PORT, OrigDst, PodConfig, Settings,
+    ConnKey, DENY_CACHE_ENTRIES, Decision, DenyKey, Direction, FAIL_CLOSED, FLOW_ENTRIES,
+    FlowControl, FlowStats, INBOUND_DELIVERY_IP, InboundConfig, MAX_ENROLLED_PODS,
+    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, ORIG_DST_ENTRIES, OUTBOUND_PORT, OrigDst, PodConfig,
+    Settings,
 };
+
+/// Hash maps allocate per element instead of up front.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 const IPPROTO_TCP: u32 = 6;
 /// cgroup_sock_addr return codes: 1 lets the call proceed, 0 fails it (EPERM).
@@ -74,6 +83,21 @@ static INBOUND_PODS: HashMap<u32, InboundConfig> = HashMap::pinned(MAX_ENROLLED_
 /// The agent's inbound listener of each enrolled pod, by pod IPv4 address.
 #[map]
 static INBOUND_LISTENERS: SockHash<u32> = SockHash::pinned(MAX_ENROLLED_PODS, 0);
+
+/// The proxy's own sockets, by socket cookie: the accepted ones (put here by
+/// sock_ops on PASSIVE_ESTABLISHED) and the upstream ones (on
+/// ACTIVE_ESTABLISHED, when the agent registered them). `carry_flow` is
+/// attached here and redirects between them.
+#[map]
+static FLOW_SOCKETS: SockHash<u64> = SockHash::pinned(FLOW_ENTRIES, 0);
+
+/// What `carry_flow` did with each proxied socket's bytes; see `FlowStats`.
+#[map]
+static FLOW_STATS: HashMap<u64, FlowStats> = HashMap::pinned(FLOW_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The agent's arming of each proxied socket; see `FlowControl`.
+#[map]
+static FLOW_CONTROL: HashMap<u64, FlowControl> = HashMap::pinned(FLOW_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
 static DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(2 * Decision::COUNT, 0);
@@ -315,14 +339,153 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
 pub fn track_connect(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_accepted(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_upstream(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: the helper accepts this program's context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = SOCKETS.remove(cookie);
+            // An accepted socket the proxy never took over (it refused the
+            // connection, or the client went away first): nobody else
+            // deletes its record. One the proxy armed it deletes itself,
+            // after reading the byte counts.
+            // SAFETY: only presence is checked.
+            if unsafe { FLOW_CONTROL.get(cookie) }.is_none() {
+                let _ = FLOW_STATS.remove(cookie);
+            }
         }
         _ => {}
     }
     1
+}
+
+fn fast_path() -> bool {
+    SETTINGS.get(0).is_some_and(|s| s.fast_path != 0)
+}
+
+/// Adds an established socket to `FLOW_SOCKETS` under its cookie. Runs in
+/// the softirq that established it, so before any payload reaches it: every
+/// byte it receives passes `carry_flow`.
+fn add_flow_socket(ctx: &SockOpsContext, cookie: u64) -> bool {
+    // SAFETY: the kernel hands a valid bpf_sock_ops for the whole call.
+    let ops = unsafe { &mut *ctx.ops };
+    FLOW_SOCKETS
+        .update(cookie, ops, u64::from(BPF_NOEXIST))
+        .is_ok()
+}
+
+/// A connection accepted by one of the agent's listeners: the outbound one
+/// on 127.0.0.1:15001 of an enrolled pod, or the inbound one that
+/// `steer_inbound` handed it to (same checks as there).
+fn on_accepted(ctx: &SockOpsContext) {
+    if !fast_path() || ctx.family() != AF_INET {
+        return;
+    }
+    let (local_ip4, remote_ip4, local_port) = (ctx.local_ip4(), ctx.remote_ip4(), ctx.local_port());
+    let proxied = if local_ip4 == LOOPBACK4 && local_port == u32::from(OUTBOUND_PORT) {
+        // SAFETY: the helper accepts this program's context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: only presence is checked.
+        unsafe { ENROLLED.get(netns) }.is_some()
+    } else {
+        steered_inbound(local_ip4, remote_ip4, local_port)
+    };
+    if !proxied {
+        return;
+    }
+    // SAFETY: the helper accepts this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if FLOW_STATS
+        .insert(cookie, FlowStats::default(), u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return;
+    }
+    if !add_flow_socket(ctx, cookie) {
+        let _ = FLOW_STATS.remove(cookie);
+        return;
+    }
+    // Hear about the close, to forget the record if the proxy never takes
+    // the connection over.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// Whether `steer_inbound` handed this connection to the agent (when the
+/// agent listens).
+fn steered_inbound(local_ip4: u32, remote_ip4: u32, local_port: u32) -> bool {
+    if is_loopback4(local_ip4) || remote_ip4 == u32::from_ne_bytes(INBOUND_DELIVERY_IP) {
+        return false;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(pod) = (unsafe { INBOUND_PODS.get(local_ip4).copied() }) else {
+        return false;
+    };
+    for i in 0..MAX_EXCLUDED_PORTS {
+        if i as u32 >= pod.n_excluded_ports {
+            break;
+        }
+        if u32::from(pod.excluded_ports[i]) == local_port {
+            return false;
+        }
+    }
+    // Whether the agent's listener is alive is not checked (sock_ops may
+    // not release the socket a lookup returns): while no agent runs, the
+    // app's socket lands in the map too, without a record of the agent's,
+    // and every byte passes.
+    true
+}
+
+/// An upstream socket the agent registered in `FLOW_STATS` before connect().
+fn on_upstream(ctx: &SockOpsContext) {
+    // SAFETY: the helper accepts this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: only presence is checked.
+    if unsafe { FLOW_STATS.get(cookie) }.is_none() {
+        return;
+    }
+    let _ = add_flow_socket(ctx, cookie);
+}
+
+/// Every skb that reaches a socket of `FLOW_SOCKETS`. Redirected to the
+/// peer's send queue when the agent armed the flow and has written every
+/// byte passed to it so far; passed to the socket's own receive queue (and
+/// so to the agent) otherwise. Sockets without a record always pass.
+#[stream_verdict]
+pub fn carry_flow(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the helper accepts this program's skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let len = u64::from(ctx.len());
+    let Some(stats) = FLOW_STATS.get_ptr_mut(cookie) else {
+        return SK_PASS;
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(control) = unsafe { FLOW_CONTROL.get(cookie).copied() } {
+        // SAFETY: a live map value; only this program writes it, and one
+        // socket's skbs are judged one at a time.
+        let passed = unsafe { core::ptr::read_volatile(&raw const (*stats).passed) };
+        if control.armed != 0 && control.forwarded == passed {
+            let mut peer = control.peer;
+            if FLOW_SOCKETS.redirect_skb(&ctx, &mut peer, 0) == i64::from(SK_PASS) {
+                // SAFETY: as above.
+                unsafe { add(&raw mut (*stats).redirected, len) };
+                return SK_PASS;
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { add(&raw mut (*stats).passed, len) };
+    SK_PASS
+}
+
+/// Adds to a counter that only this program writes: the verdicts of one
+/// socket run under its lock, one at a time, and the agent only reads
+/// (aligned 8-byte loads and stores do not tear).
+///
+/// # Safety
+/// `counter` points into a live map value.
+unsafe fn add(counter: *mut u64, n: u64) {
+    // SAFETY: the caller's promise.
+    unsafe { core::ptr::write_volatile(counter, core::ptr::read_volatile(counter) + n) };
 }
 
 /// The SYN is about to leave, so the local port is known: publish the

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
 use std::time::Duration;
 
-use common::{ECHO, echo, metric, serve_echo, wait_until};
+use common::{ECHO, STREAM, echo, echo_in_order, metric, serve_echo, wait_until};
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions};
 
 const DELIVERY: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
@@ -85,6 +85,35 @@ fn connections_to_an_enrolled_pod_go_through_its_proxy() {
         metric(&c.agent, "istio_tcp_received_bytes_total", &labels),
         5.0
     );
+}
+
+/// The sockmap fast path on the inbound proxy (and, with `--fast-path
+/// false`, without it): 10 MiB each way come back in order, every byte is
+/// counted once, and the kernel carried most of them only when it may.
+#[test]
+fn inbound_flow_through_the_kernel_stays_in_order_and_counted() {
+    const SIZE: usize = 10 << 20;
+    for (args, kernel) in [(&[][..], true), (&["--fast-path", "false"][..], false)] {
+        let c = cluster("fastpath-in", enrolled_server(), args);
+        let stream = c.client.connect(c.server.addr(STREAM)).unwrap();
+        echo_in_order(stream, SIZE);
+        let labels = [
+            ("reporter", "destination"),
+            ("destination_workload", "server"),
+        ];
+        wait_until("the connection is counted closed", || {
+            metric(&c.agent, "istio_tcp_connections_closed_total", &labels) == 1.0
+        });
+        let bytes = |name| metric(&c.agent, name, &labels);
+        assert_eq!(bytes("istio_tcp_received_bytes_total"), SIZE as f64);
+        assert_eq!(bytes("istio_tcp_sent_bytes_total"), SIZE as f64);
+        let carried = metric(&c.agent, "weir_kernel_carried_bytes_total", &[]);
+        if kernel {
+            assert!(carried > SIZE as f64, "the kernel carried only {carried}");
+        } else {
+            assert_eq!(carried, 0.0);
+        }
+    }
 }
 
 #[test]

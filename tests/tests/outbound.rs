@@ -14,8 +14,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    ECHO, IO_TIMEOUT, STREAM, decisions, echo, metric, promtool_check, redirected, serve_echo,
-    wait_until,
+    ECHO, IO_TIMEOUT, STREAM, decisions, echo, echo_in_order, metric, promtool_check, redirected,
+    serve_echo, wait_until,
 };
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, metric_value};
 
@@ -276,6 +276,37 @@ fn transfers_64_mib_each_way_intact() {
     let bytes = |name| metric(&m.agent, name, &[("source_workload", "client")]);
     assert_eq!(bytes("istio_tcp_received_bytes_total"), SIZE as f64);
     assert_eq!(bytes("istio_tcp_sent_bytes_total"), SIZE as f64);
+}
+
+/// The sockmap fast path: once the proxy allowed the connection, the kernel
+/// moves the bytes between its sockets. The client writes from the first
+/// moment after connect(), before the proxy can have connected upstream, so
+/// the first bytes go through user space and the rest through the kernel,
+/// behind them: the echo must still come back byte for byte in order, and
+/// the byte metrics must count every byte once.
+#[test]
+fn kernel_carried_flow_stays_in_order_and_counted() {
+    let m = mesh("fastpath");
+    const SIZE: usize = 10 << 20;
+    let labels = [("source_workload", "client"), ("reporter", "source")];
+    for (round, server) in [&m.server, &m.neighbour].into_iter().enumerate() {
+        let stream = m.client.connect(server.addr(STREAM)).unwrap();
+        assert!(redirected(&stream));
+        echo_in_order(stream, SIZE);
+        let done = (round + 1) as f64;
+        wait_until("the connection is counted closed", || {
+            metric(&m.agent, "istio_tcp_connections_closed_total", &labels) == done
+        });
+        let bytes = |name| metric(&m.agent, name, &labels);
+        assert_eq!(bytes("istio_tcp_received_bytes_total"), done * SIZE as f64);
+        assert_eq!(bytes("istio_tcp_sent_bytes_total"), done * SIZE as f64);
+    }
+    let carried = metric(&m.agent, "weir_kernel_carried_bytes_total", &[]);
+    assert!(
+        carried > 2.0 * SIZE as f64,
+        "the kernel carried only {carried} of {} bytes",
+        4 * SIZE
+    );
 }
 
 /// Deterministic, position-dependent bytes, so reordering or loss shows.

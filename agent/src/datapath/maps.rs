@@ -1,9 +1,11 @@
 //! Typed handles on the pinned maps the programs share with user space.
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use weir_common::{
-    ConnKey, Decision, DenyKey, Direction, InboundConfig, OrigDst, PodConfig, Settings,
+    ConnKey, Decision, DenyKey, Direction, FlowControl, FlowStats, InboundConfig, OrigDst,
+    PodConfig, Settings,
 };
 
 /// An IPv4 address as the programs see it: network order in a u32.
@@ -138,6 +140,155 @@ impl DecisionCounters {
     }
 }
 
+/// The maps of kernel-carried flows (`FLOW_STATS`, `FLOW_CONTROL`), used
+/// by every connection's task without a lock: plain bpf(2) calls on the
+/// map descriptors, keyed by socket cookie.
+pub struct FlowTable {
+    stats: MapData,
+    control: MapData,
+}
+
+/// `union bpf_attr` for the map element commands.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+fn map_call(cmd: libc::c_long, map: &MapData, key: &u64, value: u64) -> io::Result<()> {
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value,
+        flags: 0,
+    };
+    // SAFETY: `attr` and the buffers it points to outlive the call, and
+    // the value buffers have the map's value size (checked by the callers'
+    // types).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw const attr,
+            size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl FlowTable {
+    /// Registers an upstream socket before connect(): sock_ops then adds
+    /// it to `FLOW_SOCKETS` as it is established.
+    pub fn register(&self, cookie: u64) -> io::Result<()> {
+        let stats = FlowStats::default();
+        map_call(
+            BPF_MAP_UPDATE_ELEM,
+            &self.stats,
+            &cookie,
+            std::ptr::from_ref(&stats) as u64,
+        )
+    }
+
+    /// What the verdict did with a socket's bytes so far.
+    pub fn stats(&self, cookie: u64) -> Option<FlowStats> {
+        let mut stats = FlowStats::default();
+        map_call(
+            BPF_MAP_LOOKUP_ELEM,
+            &self.stats,
+            &cookie,
+            std::ptr::from_mut(&mut stats) as u64,
+        )
+        .ok()?;
+        Some(stats)
+    }
+
+    /// Arms a socket towards `peer`, `forwarded` bytes having been written
+    /// to it by user space; called again as that count grows.
+    pub fn arm(&self, cookie: u64, peer: u64, forwarded: u64) -> io::Result<()> {
+        let control = FlowControl {
+            peer,
+            forwarded,
+            armed: 1,
+            _pad: 0,
+        };
+        map_call(
+            BPF_MAP_UPDATE_ELEM,
+            &self.control,
+            &cookie,
+            std::ptr::from_ref(&control) as u64,
+        )
+    }
+
+    /// Forgets a socket once its connection is over.
+    pub fn forget(&self, cookie: u64) {
+        let _ = map_call(BPF_MAP_DELETE_ELEM, &self.control, &cookie, 0);
+        let _ = map_call(BPF_MAP_DELETE_ELEM, &self.stats, &cookie, 0);
+    }
+
+    /// Forgets the records of sockets that are no longer in `FLOW_SOCKETS`
+    /// (the kernel drops closed sockets from it): those of an agent that
+    /// died with its connections armed. Returns how many went.
+    pub fn sweep(&self, sockets: &SockHash<MapData, u64>) -> usize {
+        let live: std::collections::HashSet<u64> = sockets.keys().filter_map(Result::ok).collect();
+        let mut gone: Vec<u64> = cookies(&self.control)
+            .into_iter()
+            .chain(cookies(&self.stats))
+            .filter(|cookie| !live.contains(cookie))
+            .collect();
+        gone.sort_unstable();
+        gone.dedup();
+        for cookie in &gone {
+            self.forget(*cookie);
+        }
+        gone.len()
+    }
+}
+
+/// Every key of a hash map keyed by socket cookie.
+fn cookies(map: &MapData) -> Vec<u64> {
+    let mut keys = Vec::new();
+    let mut key = None;
+    loop {
+        let mut next = 0u64;
+        let attr = ElemAttr {
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: key
+                .as_ref()
+                .map_or(0, |k: &u64| std::ptr::from_ref(k) as u64),
+            value: std::ptr::from_mut(&mut next) as u64,
+            flags: 0,
+        };
+        // SAFETY: as in `map_call`; `next` has the key size.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &raw const attr,
+                size_of::<ElemAttr>() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            return keys;
+        }
+        keys.push(next);
+        key = Some(next);
+    }
+}
+
 /// Every map of the object, taken out of `aya::Ebpf` by name.
 pub struct Maps {
     pub settings: SettingsMap,
@@ -149,6 +300,9 @@ pub struct Maps {
     pub orig_dst: OrigDstMap,
     pub sockets: SocketMap,
     pub decisions: DecisionCounters,
+    /// The proxy's sockets, where `carry_flow` is attached.
+    pub flow_sockets: SockHash<MapData, u64>,
+    pub flows: FlowTable,
 }
 
 impl Maps {
@@ -157,6 +311,19 @@ impl Maps {
             ebpf.take_map(name).ok_or_else(|| MapError::InvalidName {
                 name: name.to_owned(),
             })
+        };
+        // The programs were loaded with these descriptors: keep them open.
+        let mut raw_map = |name: &str| -> Result<MapData, MapError> {
+            match take(name)? {
+                Map::HashMap(data) => Ok(data),
+                _ => Err(MapError::InvalidName {
+                    name: name.to_owned(),
+                }),
+            }
+        };
+        let flows = FlowTable {
+            stats: raw_map("FLOW_STATS")?,
+            control: raw_map("FLOW_CONTROL")?,
         };
         Ok(Maps {
             settings: SettingsMap(take("SETTINGS")?.try_into()?),
@@ -168,6 +335,8 @@ impl Maps {
             orig_dst: OrigDstMap(take("ORIG_DST")?.try_into()?),
             sockets: SocketMap(take("SOCKETS")?.try_into()?),
             decisions: DecisionCounters(take("DECISIONS")?.try_into()?),
+            flow_sockets: take("FLOW_SOCKETS")?.try_into()?,
+            flows,
         })
     }
 }

@@ -20,7 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::programs::{
-    CgroupAttachMode, Program, ProgramError, SkLookup,
+    CgroupAttachMode, Program, ProgramError, SkLookup, SkSkb,
     links::{FdLink, LinkError},
 };
 use aya::{Ebpf, EbpfError, EbpfLoader, maps::MapError, pin::PinError};
@@ -43,6 +43,13 @@ pub const PROGRAMS: [&str; 5] = [
 
 /// The sk_lookup program, attached to each enrolled pod's namespace.
 pub const INBOUND_PROGRAM: &str = "steer_inbound";
+
+/// The stream verdict of kernel-carried flows, attached to `FLOW_SOCKETS`
+/// by every agent start. The attachment belongs to the map, not to a
+/// cgroup, and only this agent's sockets are in the map, so it is neither
+/// pinned nor kept across restarts: the next agent attaches its own, which
+/// replaces it.
+pub const FLOW_PROGRAM: &str = "carry_flow";
 
 pub const PIN_ROOT: &str = "/sys/fs/bpf/weir";
 
@@ -158,6 +165,7 @@ impl Datapath {
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)?;
         let mut maps = Maps::take(&mut ebpf)?;
+        attach_flow_program(&mut ebpf, &maps)?;
 
         let build = build_id();
         let previous = maps.settings.get()?;
@@ -295,6 +303,21 @@ fn install_inbound_program(ebpf: &mut Ebpf, pins: &PinDir) -> Result<(), Datapat
     program
         .pin(&path)
         .map_err(|source| DatapathError::Pin { path, source })
+}
+
+fn attach_flow_program(ebpf: &mut Ebpf, maps: &Maps) -> Result<(), DatapathError> {
+    let name = FLOW_PROGRAM;
+    let program_err = |source| DatapathError::Program { name, source };
+    let program: &mut SkSkb = ebpf
+        .program_mut(name)
+        .ok_or(ProgramError::UnexpectedProgramType)
+        .and_then(TryInto::try_into)
+        .map_err(program_err)?;
+    program.load().map_err(program_err)?;
+    program
+        .attach(maps.flow_sockets.fd())
+        .map_err(program_err)?;
+    Ok(())
 }
 
 fn pinned_files(dir: &Path) -> Vec<PathBuf> {

@@ -6,6 +6,11 @@
 //! stream, which from then on moves with splice(2) through a pipe: the bytes
 //! stay in the kernel and the buffer is freed, yet every byte is still
 //! counted for the metrics.
+//!
+//! A flow the kernel carries (see `fast_path`) only ever uses reads and
+//! writes: its sockets' received bytes live in their psocks, where splice(2)
+//! does not look. User space then moves only what came before the kernel
+//! took over, and reports its progress to the verdict after every write.
 
 use std::io;
 use std::net::Shutdown;
@@ -15,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::fast_path::{self, Flow};
 use crate::metrics::TcpCounters;
 
 /// Most bytes moved by one splice: the pipe's default capacity.
@@ -24,18 +30,42 @@ const SMALL: usize = 8 * 1024;
 
 /// Copies both ways until both sides have finished. End of stream on one
 /// side becomes a shutdown(SHUT_WR) towards the other, so half-closed
-/// connections keep working. Counters advance as bytes move.
+/// connections keep working. Counters advance as bytes move. `flow` is the
+/// kernel's part, when it carries the connection; `splice` is false when
+/// either socket may be in a sockmap (the fast path is on), armed or not.
 pub async fn bidirectional(
     client: &TcpStream,
     upstream: &TcpStream,
     counters: &TcpCounters,
+    flow: Option<&Flow<'_>>,
+    splice: bool,
 ) -> io::Result<()> {
-    let request = one_way(client, upstream, &counters.received);
-    let response = one_way(upstream, client, &counters.sent);
+    let request = one_way(
+        client,
+        upstream,
+        &counters.received,
+        flow.map(Flow::request),
+        splice,
+    );
+    let response = one_way(
+        upstream,
+        client,
+        &counters.sent,
+        flow.map(Flow::response),
+        splice,
+    );
     tokio::try_join!(request, response).map(drop)
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result<()> {
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &AtomicU64,
+    kernel: Option<fast_path::Direction<'_>>,
+    splice: bool,
+) -> io::Result<()> {
+    let mut forwarded = 0u64;
+    let mut stall = fast_path::Stall::new();
     loop {
         from.readable().await?;
         let mut buf = vec![0; SMALL];
@@ -44,13 +74,25 @@ async fn one_way(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Res
             result => result?,
         };
         if n == 0 {
+            if let Some(kernel) = &kernel {
+                let Some(redirected) = kernel.redirected_at_end(forwarded) else {
+                    stall.pause().await?;
+                    continue;
+                };
+                kernel.drained(to, forwarded, redirected).await?;
+            }
             return socket2::SockRef::from(to).shutdown(Shutdown::Write);
         }
         write_all(to, &buf[..n]).await?;
         bytes.fetch_add(n as u64, Relaxed);
-        if n == SMALL {
-            drop(buf); // not held through the splice phase
-            return splice_all(from, to, bytes).await;
+        forwarded += n as u64;
+        match &kernel {
+            Some(kernel) => kernel.forwarded(forwarded)?,
+            None if n == SMALL && splice => {
+                drop(buf); // not held through the splice phase
+                return splice_all(from, to, bytes).await;
+            }
+            None => {}
         }
     }
 }

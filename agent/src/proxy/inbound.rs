@@ -20,7 +20,7 @@ use tracing::debug;
 use weir_common::INBOUND_DELIVERY_IP;
 
 use super::destination::ServiceName;
-use super::{PodProxy, ProxyContext, connect, copy, labels, refuse, reset};
+use super::{PodProxy, ProxyContext, connect, labels, refuse, relay, reset};
 use crate::metrics::Reporter;
 
 /// Serves the pod's inbound listener.
@@ -61,8 +61,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &Proxy
         }
     }
     let delivery = IpAddr::from(INBOUND_DELIVERY_IP);
-    let app = match connect(&pod.factory, orig, Some(delivery)).await {
-        Ok(app) => app,
+    let (app, registered) = match connect(
+        &pod.factory,
+        orig,
+        Some(delivery),
+        ctx.flows.as_ref().map(|fast| &fast.table),
+    )
+    .await
+    {
+        Ok(connected) => connected,
         Err(e) => {
             debug!(pod = %pod.key, %orig, error = %e, "delivery to the app failed");
             return refuse(&ctx.metrics, labelled("UF"), client);
@@ -71,13 +78,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &PodProxy, ctx: &Proxy
     let counters = ctx.metrics.tcp(labelled("-"));
     drop(cluster);
     counters.opened.fetch_add(1, Relaxed);
-    let outcome = tokio::select! {
-        copied = copy::bidirectional(&client, &app, &counters) => copied,
-        () = revoked(ctx, peer.ip(), pod, orig) => Err(io::Error::new(
+    let revoked = async {
+        revoked(ctx, peer.ip(), pod, orig).await;
+        io::Error::new(
             io::ErrorKind::PermissionDenied,
             "a policy change denies the connection",
-        )),
+        )
     };
+    let outcome = relay(ctx, &client, &app, registered, &counters, revoked).await;
     counters.closed.fetch_add(1, Relaxed);
     if let Err(e) = outcome {
         debug!(pod = %pod.key, %orig, error = %e, "connection aborted");

@@ -4,6 +4,7 @@
 mod authorize;
 mod copy;
 mod destination;
+mod fast_path;
 mod http;
 pub mod inbound;
 pub mod outbound;
@@ -19,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
-use crate::datapath::maps::{DenyCache, OrigDstMap};
+use crate::datapath::maps::{DenyCache, FlowTable, OrigDstMap};
 use crate::inpod::SocketFactory;
 use crate::metrics::{Metrics, Peer, Reporter, TcpLabels};
 use crate::model::{Cluster, WorkloadKey};
@@ -28,6 +29,7 @@ use crate::run::Interception;
 pub use authorize::Authorizer;
 pub use destination::Balancer;
 use destination::ServiceName;
+pub use fast_path::FastPath;
 
 /// Istio's default connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +51,8 @@ pub struct ProxyContext {
     /// kernel's copy in SETTINGS; see `outbound`.
     pub generation: AtomicU64,
     pub interception: Interception,
+    /// The kernel-carried flows; None when the fast path is off.
+    pub flows: Option<FastPath>,
 }
 
 /// One enrolled pod as the proxy sees it.
@@ -87,16 +91,68 @@ pub async fn serve<F, Fut>(
     }
 }
 
-/// Connects from the pod's namespace, from `source` when given.
+/// Connects from the pod's namespace, from `source` when given. With
+/// `flows`, the socket is registered for the kernel's fast path first, and
+/// its cookie comes back with it.
 async fn connect(
     factory: &SocketFactory,
     addr: SocketAddr,
     source: Option<IpAddr>,
-) -> io::Result<TcpStream> {
+    flows: Option<&FlowTable>,
+) -> io::Result<(TcpStream, Option<u64>)> {
     let socket = factory.tcp_socket(addr, source).await?;
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+    let registered = flows.and_then(|flows| {
+        let cookie = fast_path::cookie(&socket).ok()?;
+        flows.register(cookie).ok()?;
+        Some(cookie)
+    });
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+        .and_then(|connected| connected);
+    match connected {
+        Ok(stream) => Ok((stream, registered)),
+        Err(e) => {
+            if let (Some(flows), Some(cookie)) = (flows, registered) {
+                flows.forget(cookie);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Copies both ways, through the kernel's fast path when the upstream
+/// socket was registered for it, and counts every byte under `counters`;
+/// `abort` ends the connection early with its error.
+async fn relay(
+    ctx: &ProxyContext,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    registered: Option<u64>,
+    counters: &Arc<crate::metrics::TcpCounters>,
+    abort: impl Future<Output = io::Error>,
+) -> io::Result<()> {
+    let flow = ctx
+        .flows
+        .as_ref()
+        .zip(registered)
+        .and_then(|(fast, cookie)| fast_path::Flow::arm(fast, client, cookie, counters.clone()));
+    let result = tokio::select! {
+        copied = copy::bidirectional(
+            client,
+            upstream,
+            counters,
+            flow.as_ref(),
+            ctx.flows.is_none(),
+        ) => copied,
+        e = abort => Err(e),
+    };
+    if let Some(flow) = flow {
+        flow.finish(&ctx.metrics);
+    } else if let (Some(fast), Some(cookie)) = (&ctx.flows, registered) {
+        fast.table.forget(cookie);
+    }
+    result
 }
 
 /// Refuses a connection that the proxy answers itself (denied, no upstream,

@@ -14,9 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 use weir_common::{ConnKey, DenyKey, OUTBOUND_PORT};
 
-use super::copy;
 use super::destination::Target;
-use super::{PodProxy, ProxyContext, connect, labels, refuse, reset};
+use super::{PodProxy, ProxyContext, connect, labels, refuse, relay, reset};
 use crate::datapath::maps::ipv4_key;
 use crate::iptables;
 use crate::metrics::{Reporter, TcpLabels};
@@ -105,8 +104,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &Arc<PodProxy>, ctx: &
         let labels = outbound_labels(&cluster, &pod.key, Some(&target), "DENY");
         return refuse(&ctx.metrics, labels, client);
     }
-    let upstream = match connect(&pod.factory, target.addr, None).await {
-        Ok(upstream) => upstream,
+    let (upstream, registered) = match connect(
+        &pod.factory,
+        target.addr,
+        None,
+        ctx.flows.as_ref().map(|fast| &fast.table),
+    )
+    .await
+    {
+        Ok(connected) => connected,
         Err(e) => {
             debug!(pod = %pod.key, upstream = %target.addr, error = %e, "upstream connect failed");
             let labels = outbound_labels(&cluster, &pod.key, Some(&target), "UF");
@@ -118,7 +124,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: &Arc<PodProxy>, ctx: &
         .tcp(outbound_labels(&cluster, &pod.key, Some(&target), "-"));
     drop(cluster);
     counters.opened.fetch_add(1, Relaxed);
-    let result = copy::bidirectional(&client, &upstream, &counters).await;
+    let result = relay(
+        ctx,
+        &client,
+        &upstream,
+        registered,
+        &counters,
+        std::future::pending(),
+    )
+    .await;
     counters.closed.fetch_add(1, Relaxed);
     if let Err(e) = result {
         // One side reset or failed: pass the reset on to both.

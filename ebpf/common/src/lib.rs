@@ -27,6 +27,8 @@ pub const ORIG_DST_ENTRIES: u32 = 262_144;
 pub const MAX_ENROLLED_PODS: u32 = 4096;
 /// Cached denials: (pod, destination) pairs that connect() refuses at once.
 pub const DENY_CACHE_ENTRIES: u32 = 65_536;
+/// Proxied sockets the kernel can carry (two per connection).
+pub const FLOW_ENTRIES: u32 = 131_072;
 
 /// Which way a connection goes, relative to the enrolled pod.
 #[repr(u32)]
@@ -111,7 +113,10 @@ pub struct Settings {
     /// from an older generation no longer counts.
     pub policy_generation: u64,
     pub fail_mode: u32,
-    pub _pad: u32,
+    /// Non-zero: sock_ops puts the proxy's sockets into `FLOW_SOCKETS`, so
+    /// that established flows can be carried by the kernel (see
+    /// [`FlowControl`]). Was padding in layout 2, hence compatible.
+    pub fast_path: u32,
 }
 
 /// A CIDR in network byte order; `mask` has the prefix bits set.
@@ -180,6 +185,35 @@ pub struct ConnKey {
     pub _pad: [u8; 6],
 }
 
+/// What the stream verdict did with one proxied socket's incoming bytes,
+/// keyed by its socket cookie. Written only by the kernel: sock_ops creates
+/// it (accepted sockets) or the agent registers it before connect()
+/// (upstream sockets), and the agent deletes it when the connection ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Bytes left to user space (the socket's own receive queue).
+    pub passed: u64,
+    /// Bytes sent straight to the peer socket's send queue.
+    pub redirected: u64,
+}
+
+/// The agent's side of one proxied socket, keyed by its socket cookie.
+/// Written only by the agent. The verdict redirects an incoming skb to
+/// `peer` only while `armed` and `forwarded == FlowStats::passed`: every
+/// byte user space was handed has been written to the peer, so the
+/// redirected bytes queue behind them, never ahead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowControl {
+    /// Socket cookie of the other socket of the connection.
+    pub peer: u64,
+    /// Bytes user space read from this socket and wrote to the peer.
+    pub forwarded: u64,
+    pub armed: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are repr(C) plain data with explicit padding.
@@ -189,4 +223,6 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::InboundConfig {}
     unsafe impl aya::Pod for super::DenyKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::FlowControl {}
 }

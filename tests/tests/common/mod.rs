@@ -133,3 +133,48 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The bytes at stream offsets `start..start + len` of a stream whose every
+/// 8-byte word is its own offset, so that any loss, duplication or
+/// reordering shows at the first wrong byte.
+pub fn offsets(start: usize, len: usize) -> Vec<u8> {
+    (start..start + len)
+        .map(|p| ((p / 8) as u64).to_le_bytes()[p % 8])
+        .collect()
+}
+
+/// Sends `size` bytes of `offsets` through a STREAM echo connection, from
+/// the first moment after connect(), reads the echo back as it comes and
+/// checks every byte of it; half-closes after the last byte and expects the
+/// echo to end exactly there.
+pub fn echo_in_order(mut stream: TcpStream, size: usize) {
+    const BLOCK: usize = 64 << 10;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sending = thread::spawn(move || {
+        let mut at = 0;
+        while at < size {
+            let len = BLOCK.min(size - at);
+            writer.write_all(&offsets(at, len)).unwrap();
+            at += len;
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut buf = vec![0u8; BLOCK];
+    let mut at = 0;
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        let expected = offsets(at, n);
+        if let Some(i) = (0..n).find(|&i| buf[i] != expected[i]) {
+            panic!("the echo differs at byte {} of {size}", at + i);
+        }
+        at += n;
+    }
+    sending.join().unwrap();
+    assert_eq!(at, size, "the echo ended early");
+}
