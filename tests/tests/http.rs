@@ -1003,3 +1003,111 @@ spec:
         ) >= 1.0
     });
 }
+
+/// Istio's circuit-breaking task, in its shape: `maxConnections: 1` and
+/// `http1MaxPendingRequests: 1` under 20 requests at once.
+#[test]
+fn circuit_breaker_overflows_with_uo() {
+    let mut sb = Sandbox::new(SandboxOptions::for_test("http-breaker")).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("fortio", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "fortio"),
+        )
+        .unwrap();
+    let server = sb
+        .add_pod(
+            PodSpec::new("httpbin-v1", NodeId::Xuegod64)
+                .label("app", "httpbin")
+                .label("version", "v1"),
+        )
+        .unwrap();
+    // Counts the connections open at once, as the server sees them.
+    let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    {
+        let (open, most) = (open.clone(), most.clone());
+        accept_loop(server.listen(PORT).unwrap(), move |stream, _| {
+            let now = open.fetch_add(1, SeqCst) + 1;
+            most.fetch_max(now, SeqCst);
+            let mut reader = BufReader::new(stream.try_clone()?);
+            let mut stream = stream;
+            let served = (|| -> io::Result<()> {
+                while read_request(&mut reader)?.is_some() {
+                    thread::sleep(Duration::from_millis(500));
+                    stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nhttpbin")?;
+                }
+                Ok(())
+            })();
+            open.fetch_sub(1, SeqCst);
+            served
+        });
+    }
+    let vip = sb.addressing().service_ip(60);
+    sb.add_http_service("httpbin", "default", vip, PORT, PORT, &[("app", "httpbin")])
+        .unwrap();
+    sb.write_manifest(
+        "httpbin-breaker.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+",
+    )
+    .unwrap();
+    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let addr = SocketAddr::from((vip, PORT));
+    wait_until("httpbin answers", || {
+        poll(&client, addr, "httpbin", &[]).is_some_and(|r| r.body == "httpbin")
+    });
+
+    let start = Arc::new(std::sync::Barrier::new(20));
+    let callers: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, start) = (client.clone(), start.clone());
+            thread::spawn(move || {
+                let mut connection = Client::connect(&client, addr, "httpbin");
+                start.wait();
+                connection.get("/get", &[])
+            })
+        })
+        .collect();
+    let responses: Vec<Response> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+    let overflowed = responses
+        .iter()
+        .filter(|r| {
+            r.status == 503
+                && r.header("server") == Some("weir")
+                && r.body.ends_with("reset reason: overflow")
+        })
+        .count();
+    let served = responses.iter().filter(|r| r.status == 200).count();
+    assert_eq!(overflowed + served, 20);
+    assert!(overflowed >= 5, "{overflowed} overflowed");
+    assert!(served >= 2, "one active and one pending are served");
+    assert_eq!(
+        most.load(SeqCst),
+        1,
+        "the server saw more than one connection at a time"
+    );
+    let counted = metric(
+        &agent,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "httpbin"),
+            ("response_code", "503"),
+            ("response_flags", "UO"),
+        ],
+    );
+    assert_eq!(counted, overflowed as f64);
+}

@@ -14,8 +14,8 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    ECHO, IO_TIMEOUT, STREAM, decisions, echo, echo_in_order, metric, promtool_check, redirected,
-    serve_echo, wait_until,
+    ECHO, IO_TIMEOUT, STREAM, decisions, echo, echo_in_order, meshed, metric, promtool_check,
+    redirected, serve_echo, wait_until,
 };
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions, metric_value};
 
@@ -34,7 +34,7 @@ struct Mesh {
 
 fn mesh(test: &str) -> Mesh {
     let mut sb = Sandbox::new(SandboxOptions::for_test(test)).unwrap();
-    let client = sb.add_pod(enrolled("client", NodeId::Xuegod63)).unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let legacy = sb
         .add_pod(PodSpec::new("legacy", NodeId::Xuegod63).label("weir.dev/mesh", "disabled"))
         .unwrap();
@@ -55,12 +55,6 @@ fn mesh(test: &str) -> Mesh {
         server,
         neighbour,
     }
-}
-
-fn enrolled(name: &str, node: NodeId) -> PodSpec {
-    PodSpec::new(name, node)
-        .label("weir.dev/mesh", "enabled")
-        .label("app", name)
 }
 
 fn server_spec(name: &str, node: NodeId) -> PodSpec {
@@ -352,7 +346,7 @@ fn concurrent_connections_keep_their_pod_and_destination() {
         ("c3", NodeId::Xuegod63),
     ]
     .into_iter()
-    .map(|(name, node)| m.sb.add_pod(enrolled(name, node)).unwrap())
+    .map(|(name, node)| m.sb.add_pod(meshed(name, node)).unwrap())
     .collect();
     let mut servers = vec![m.server.clone(), m.neighbour.clone()];
     for (name, node) in [("s3", NodeId::Xuegod64), ("s4", NodeId::Xuegod63)] {

@@ -1027,6 +1027,61 @@ spec:
     }
 
     #[test]
+    fn connection_pools_parse_with_istio_defaults() {
+        // Istio's samples/httpbin/destination-rule circuit breaker.
+        let text = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+        maxRequestsPerConnection: 1
+        http2MaxRequests: 0
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+";
+        let parsed = parse(text).unwrap();
+        let [warning] = parsed.warnings.as_slice() else {
+            panic!("{:?}", parsed.warnings)
+        };
+        assert_eq!(warning.field, "spec.trafficPolicy.outlierDetection");
+        let Object::DestinationRule(dr) = &parsed.objects[0] else {
+            panic!()
+        };
+        let pool = dr.translate().unwrap().value.connection_pool.unwrap();
+        assert_eq!(
+            pool,
+            crate::routing::ConnectionPool {
+                max_connections: Some(1),
+                max_pending_requests: Some(1),
+                max_requests_per_connection: Some(1),
+                // 0 is Istio's "no limit".
+                max_requests: None,
+                max_retries: None,
+                connect_timeout: None,
+            }
+        );
+        let error = only_error(&text.replace("maxConnections: 1", "maxConnections: -1"));
+        assert_eq!(
+            (error.field.as_str(), error.message.as_str()),
+            (
+                "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+                "must not be negative"
+            )
+        );
+    }
+
+    #[test]
     fn routing_errors_name_the_field() {
         let cases = [
             (

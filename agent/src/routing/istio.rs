@@ -198,7 +198,7 @@ pub struct DestinationRuleSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
-    pub connection_pool: Unimplemented,
+    pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Unimplemented,
     pub tls: Option<ClientTlsSettings>,
     pub port_level_settings: Unimplemented,
@@ -215,6 +215,36 @@ pub struct LoadBalancerSettings {
     pub locality_lb_setting: Unimplemented,
     pub warmup_duration_secs: Unimplemented,
     pub warmup: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionPoolSettings {
+    pub tcp: Option<TcpSettings>,
+    pub http: Option<HttpSettings>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSettings {
+    pub max_connections: Option<i32>,
+    pub connect_timeout: Option<String>,
+    pub tcp_keepalive: Unimplemented,
+    pub max_connection_duration: Unimplemented,
+    pub idle_timeout: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSettings {
+    pub http1_max_pending_requests: Option<i32>,
+    pub http2_max_requests: Option<i32>,
+    pub max_requests_per_connection: Option<i32>,
+    pub max_retries: Option<i32>,
+    pub idle_timeout: Unimplemented,
+    pub h2_upgrade_policy: Unimplemented,
+    pub use_client_protocol: Unimplemented,
+    pub max_concurrent_streams: Unimplemented,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

@@ -212,6 +212,7 @@ pub struct DestinationRule {
     /// Fully qualified.
     pub host: String,
     pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
     pub subsets: Vec<Subset>,
 }
 
@@ -227,6 +228,28 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
     /// Overrides the rule's own.
     pub load_balancer: Option<LoadBalancer>,
+    /// Overrides the rule's own.
+    pub connection_pool: Option<ConnectionPool>,
+}
+
+/// `trafficPolicy.connectionPool`: the circuit breaker, with Envoy's
+/// meaning, per source pod and destination (host, subset, port). None is
+/// no limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ConnectionPool {
+    /// `tcp.maxConnections`: HTTP/1.1 connections, so requests at once.
+    pub max_connections: Option<u32>,
+    /// `http.http1MaxPendingRequests`: requests waiting for a connection;
+    /// more are answered 503 `UO`.
+    pub max_pending_requests: Option<u32>,
+    /// `http.http2MaxRequests`: requests at once, of either protocol.
+    pub max_requests: Option<u32>,
+    /// `http.maxRequestsPerConnection`: a connection is closed after so many.
+    pub max_requests_per_connection: Option<u32>,
+    /// `http.maxRetries`: retries at once.
+    pub max_retries: Option<u32>,
+    #[serde(serialize_with = "millis")]
+    pub connect_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use super::istio;
 use super::{
-    DestinationRule, Fault, FaultAbort, FaultDelay, HashKey, HttpRule, LoadBalancer, Pattern,
-    RequestMatch, RetryOn, RetryPolicy, StringMatcher, Subset, VirtualService, WeightedDestination,
-    parse_duration,
+    ConnectionPool, DestinationRule, Fault, FaultAbort, FaultDelay, HashKey, HttpRule,
+    LoadBalancer, Pattern, RequestMatch, RetryOn, RetryPolicy, StringMatcher, Subset,
+    VirtualService, WeightedDestination, parse_duration,
 };
 use crate::model::FieldError;
 
@@ -151,7 +151,6 @@ impl Checker {
         self.unimplemented(
             path,
             &[
-                ("connectionPool", &policy.connection_pool),
                 ("outlierDetection", &policy.outlier_detection),
                 ("portLevelSettings", &policy.port_level_settings),
                 ("tunnel", &policy.tunnel),
@@ -209,6 +208,65 @@ impl Checker {
 }
 
 impl Checker {
+    fn connection_pool(
+        &mut self,
+        path: &str,
+        policy: Option<&istio::TrafficPolicy>,
+    ) -> Option<ConnectionPool> {
+        let settings = policy?.connection_pool.as_ref()?;
+        let path = format!("{path}.connectionPool");
+        let mut limit = |field: &str, value: Option<i32>| match value {
+            // 0 is Istio's default: no limit.
+            None | Some(0) => None,
+            Some(value) => match u32::try_from(value) {
+                Ok(value) => Some(value),
+                Err(_) => {
+                    self.error(format!("{path}.{field}"), "must not be negative");
+                    None
+                }
+            },
+        };
+        let tcp = settings.tcp.clone().unwrap_or_default();
+        let http = settings.http.clone().unwrap_or_default();
+        let pool = ConnectionPool {
+            max_connections: limit("tcp.maxConnections", tcp.max_connections),
+            max_pending_requests: limit(
+                "http.http1MaxPendingRequests",
+                http.http1_max_pending_requests,
+            ),
+            max_requests: limit("http.http2MaxRequests", http.http2_max_requests),
+            max_requests_per_connection: limit(
+                "http.maxRequestsPerConnection",
+                http.max_requests_per_connection,
+            ),
+            max_retries: limit("http.maxRetries", http.max_retries),
+            connect_timeout: tcp
+                .connect_timeout
+                .as_ref()
+                .and_then(|text| self.duration(format!("{path}.tcp.connectTimeout"), text)),
+        };
+        self.unimplemented(
+            &format!("{path}.tcp"),
+            &[
+                ("tcpKeepalive", &tcp.tcp_keepalive),
+                ("maxConnectionDuration", &tcp.max_connection_duration),
+                ("idleTimeout", &tcp.idle_timeout),
+            ],
+            "ignored",
+        );
+        self.unimplemented(
+            &format!("{path}.http"),
+            &[
+                ("idleTimeout", &http.idle_timeout),
+                ("h2UpgradePolicy", &http.h2_upgrade_policy),
+                ("useClientProtocol", &http.use_client_protocol),
+                ("maxConcurrentStreams", &http.max_concurrent_streams),
+            ],
+            "ignored",
+        );
+        Some(pool)
+    }
+
     fn consistent_hash(
         &mut self,
         path: &str,
@@ -654,6 +712,8 @@ impl istio::DestinationRule {
         }
         let load_balancer =
             checker.load_balancer("spec.trafficPolicy", spec.traffic_policy.as_ref());
+        let connection_pool =
+            checker.connection_pool("spec.trafficPolicy", spec.traffic_policy.as_ref());
         let mut subsets: Vec<Subset> = Vec::new();
         for (i, subset) in spec.subsets.iter().enumerate() {
             let path = format!("spec.subsets[{i}]");
@@ -669,10 +729,15 @@ impl istio::DestinationRule {
                 &format!("{path}.trafficPolicy"),
                 subset.traffic_policy.as_ref(),
             );
+            let connection_pool = checker.connection_pool(
+                &format!("{path}.trafficPolicy"),
+                subset.traffic_policy.as_ref(),
+            );
             subsets.push(Subset {
                 name: subset.name.clone(),
                 labels: subset.labels.clone(),
                 load_balancer,
+                connection_pool,
             });
         }
         let value = DestinationRule {
@@ -680,6 +745,7 @@ impl istio::DestinationRule {
             name: self.metadata.name.clone().unwrap_or_default(),
             namespace,
             load_balancer,
+            connection_pool,
             subsets,
         };
         checker.finish(value)

@@ -16,6 +16,7 @@
 //! in, as Istio's sidecar does.
 
 mod balance;
+mod breaker;
 mod fault;
 mod pool;
 mod retry;
@@ -118,6 +119,11 @@ const NO_HEALTHY_UPSTREAM: MadeUp = MadeUp {
     status: 503,
     flags: "UH",
     body: "no healthy upstream",
+};
+const OVERFLOW: MadeUp = MadeUp {
+    status: 503,
+    flags: "UO",
+    body: "upstream connect error or disconnect/reset before headers. reset reason: overflow",
 };
 const TIMEOUT: MadeUp = MadeUp {
     status: 504,
@@ -290,6 +296,14 @@ impl Connection {
             LoadBalancer::ConsistentHash(key) => hash_key(key, &parts, source),
             _ => None,
         };
+        let breaker = subset_rule
+            .and_then(|subset| subset.connection_pool.as_ref())
+            .or(rule_set.and_then(|dr| dr.connection_pool.as_ref()))
+            .map(|pool| {
+                let cookie = self.pod.factory.netns_cookie();
+                let subset = subset.as_deref().unwrap_or_default();
+                breaker::breaker(cookie, &host, subset, service_port.port, pool)
+            });
 
         // Faults first; a route with faults has no timeout nor retries.
         let fault = rule.and_then(|rule| rule.fault.as_ref());
@@ -354,6 +368,7 @@ impl Connection {
             policy: &retries,
             load_balancer,
             hash,
+            breaker,
             group: (&host, subset.as_deref().unwrap_or_default()),
         };
         let (response, flags, destination) = match timeout {
@@ -390,6 +405,7 @@ struct Tries<'a> {
     load_balancer: LoadBalancer,
     /// The request's consistent-hash key, hashed.
     hash: Option<u64>,
+    breaker: Option<Arc<breaker::Breaker>>,
     group: (&'a str, &'a str),
 }
 
@@ -399,7 +415,17 @@ impl Tries<'_> {
         let addrs: Vec<SocketAddr> = self.endpoints.iter().map(|(addr, _)| *addr).collect();
         let mut tried = Vec::new();
         let mut try_number = 0;
+        let http2 = self.parts.version == Version::HTTP_2;
+        // Retries running, counted against `maxRetries` while this lives.
+        let mut retrying = None;
         loop {
+            let admission = match &self.breaker {
+                Some(breaker) => match breaker.admit(http2).await {
+                    Ok(admission) => admission,
+                    Err(breaker::Overflow) => return (made_up(&OVERFLOW), OVERFLOW.flags, None),
+                },
+                None => breaker::Admission::default(),
+            };
             let addr = balance::choose(
                 &addrs,
                 &tried,
@@ -419,7 +445,7 @@ impl Tries<'_> {
             }
             let result = {
                 let _in_flight = balance::in_flight(cookie, addr);
-                let once = self.once(cookie, addr);
+                let once = self.once(cookie, addr, admission);
                 match self.policy.per_try_timeout {
                     Some(limit) => tokio::time::timeout(limit, once)
                         .await
@@ -439,7 +465,14 @@ impl Tries<'_> {
                 Err(outcome) => *outcome,
             };
             let retriable = retry::should_retry(&self.policy.retry_on, outcome);
-            if retriable && try_number < self.policy.attempts {
+            let may_retry = retriable
+                && try_number < self.policy.attempts
+                && (retrying.is_some()
+                    || self.breaker.as_ref().is_none_or(|breaker| {
+                        retrying = breaker.retry();
+                        retrying.is_some()
+                    }));
+            if may_retry {
                 try_number += 1;
                 tokio::time::sleep(backoff(try_number)).await;
                 continue;
@@ -503,15 +536,36 @@ impl Tries<'_> {
 
     /// One try on a pooled connection, or a new one; a pooled connection
     /// that turns out closed before the request went out is replaced.
-    async fn once(&self, cookie: u64, addr: SocketAddr) -> Result<Response<Body>, Outcome> {
+    async fn once(
+        &self,
+        cookie: u64,
+        addr: SocketAddr,
+        admission: breaker::Admission,
+    ) -> Result<Response<Body>, Outcome> {
         let http2 = self.parts.version == Version::HTTP_2;
+        let limits = self.breaker.as_ref().map(|breaker| &breaker.pool);
         let mut request = Some(self.request());
         let mut pooled = pool::take(cookie, addr, http2);
+        // At the connection limit, wait for a busy connection rather than
+        // open one more.
+        let at_limit = limits
+            .and_then(|limits| limits.max_connections)
+            .is_some_and(|max| pool::live(cookie, addr, false) >= max as usize);
+        if pooled.is_none()
+            && !http2
+            && at_limit
+            && let Some(mut busy) = pool::take_busy(cookie, addr)
+            && busy.ready().await
+        {
+            pooled = Some(busy);
+        }
+        let mut admission = Some(admission);
         loop {
             let fresh = pooled.is_none();
+            let connect_timeout = limits.and_then(|limits| limits.connect_timeout);
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => pool::connect(&self.connection.pod.factory, addr, http2)
+                None => pool::connect(&self.connection.pod.factory, addr, http2, connect_timeout)
                     .await
                     .map_err(|error| {
                         debug!(%addr, %error, "upstream connect failed");
@@ -523,9 +577,14 @@ impl Tries<'_> {
                 .await
             {
                 Ok(response) => {
-                    pool::put(cookie, addr, sender);
+                    let per_connection = limits.and_then(|l| l.max_requests_per_connection);
+                    pool::put(cookie, addr, sender, per_connection);
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    let body = breaker::Admitted {
+                        body,
+                        admission: admission.take().unwrap_or_default(),
+                    };
                     return Ok(Response::from_parts(parts, body.boxed()));
                 }
                 Err(mut error) => match error.take_message() {
