@@ -21,7 +21,8 @@ use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions};
 const PORT: u16 = 9080;
 
 /// What an app answers: status, body and how long it takes.
-type Handler = Arc<dyn Fn(&str) -> (u16, String, Duration) + Send + Sync>;
+/// Gets the request's path and headers (names lowercase).
+type Handler = Arc<dyn Fn(&str, &Headers) -> (u16, String, Duration) + Send + Sync>;
 
 /// Serves HTTP/1.1 with keep-alive on `PORT` in `pod`; `handle` gets the
 /// request's path.
@@ -30,10 +31,10 @@ fn serve_http(pod: &Pod, handle: Handler) {
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut stream = stream;
         loop {
-            let Some((path, _headers, _body)) = read_request(&mut reader)? else {
+            let Some((path, headers, _body)) = read_request(&mut reader)? else {
                 return Ok(());
             };
-            let (status, body, delay) = handle(&path);
+            let (status, body, delay) = handle(&path, &headers);
             thread::sleep(delay);
             write!(
                 stream,
@@ -47,7 +48,7 @@ fn serve_http(pod: &Pod, handle: Handler) {
 /// An app that says its name and version.
 fn app(name: &str, version: &str) -> Handler {
     let answer = format!("{name} {version}");
-    Arc::new(move |_| (200, answer.clone(), Duration::ZERO))
+    Arc::new(move |_, _| (200, answer.clone(), Duration::ZERO))
 }
 
 type Headers = Vec<(String, String)>;
@@ -477,7 +478,7 @@ fn timeouts_retries_and_faults() {
         &mut b,
         "slow",
         21,
-        Arc::new(|_| (200, "slow v1".into(), Duration::from_secs(2))),
+        Arc::new(|_, _| (200, "slow v1".into(), Duration::from_secs(2))),
     );
     let tries = Arc::new(AtomicUsize::new(0));
     let counted = tries.clone();
@@ -485,7 +486,7 @@ fn timeouts_retries_and_faults() {
         &mut b,
         "flaky",
         22,
-        Arc::new(move |_| {
+        Arc::new(move |_, _| {
             counted.fetch_add(1, SeqCst);
             (503, "flaky v1".into(), Duration::ZERO)
         }),
@@ -903,7 +904,7 @@ fn bookinfo_timeout_with_a_delay_on_ratings() {
     let caller = reviews.clone();
     serve_http(
         &reviews,
-        Arc::new(move |_| {
+        Arc::new(move |_, _| {
             let answer = poll(&caller, ratings_vip, "ratings", &[]);
             let body = match answer {
                 Some(r) => format!("reviews v2, ratings said {} {}", r.status, r.body),
@@ -1110,4 +1111,103 @@ spec:
         ],
     );
     assert_eq!(counted, overflowed as f64);
+}
+
+/// Redirect, direct response, rewrite and header changes, on one
+/// VirtualService.
+#[test]
+fn redirect_rewrite_direct_response_and_headers() {
+    let mut sb = Sandbox::new(SandboxOptions::for_test("http-rewrite")).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("client", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "client"),
+        )
+        .unwrap();
+    let web = sb
+        .add_pod(PodSpec::new("web-v1", NodeId::Xuegod64).label("app", "web"))
+        .unwrap();
+    // Answers with the path and the headers the test looks at.
+    serve_http(
+        &web,
+        Arc::new(|path, headers| {
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let body = format!(
+                "{path} rewritten={} secret={} dest={} host={}",
+                header("x-rewritten"),
+                header("x-secret"),
+                header("x-dest"),
+                header("host")
+            );
+            (200, body, Duration::ZERO)
+        }),
+    );
+    let vip = sb.addressing().service_ip(70);
+    sb.add_http_service("web", "default", vip, PORT, PORT, &[("app", "web")])
+        .unwrap();
+    sb.write_manifest(
+        "web.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /old/}}]
+    redirect: {uri: /new, authority: web.example}
+  - match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 418, body: {string: short and stout}}
+  - match: [{uri: {prefix: /api/v1/}}]
+    rewrite: {uri: /v2/, authority: web.internal}
+    headers:
+      request: {set: {x-rewritten: 'yes'}, remove: [x-secret]}
+      response: {add: {x-served-by: weir-test}}
+    route: [{destination: {host: web}}]
+  - route:
+    - destination: {host: web}
+      headers: {request: {add: {x-dest: web}}}
+",
+    )
+    .unwrap();
+    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let addr = SocketAddr::from((vip, PORT));
+    wait_until("the rules apply", || {
+        poll(&client, addr, "web", &[]).is_some_and(|r| r.body.contains("dest=web"))
+    });
+    let mut web = Client::connect(&client, addr, "web:9080");
+
+    let moved = web.get("/old/page?q=1", &[]);
+    assert_eq!(moved.status, 301);
+    assert_eq!(moved.header("location"), Some("http://web.example/new?q=1"));
+    assert_eq!(moved.header("server"), Some("weir"));
+
+    let teapot = web.get("/teapot", &[]);
+    assert_eq!(
+        (teapot.status, teapot.body.as_str()),
+        (418, "short and stout")
+    );
+
+    let api = web.get("/api/v1/items?x=1", &[("x-secret", "s3cret")]);
+    assert_eq!(api.status, 200);
+    assert_eq!(
+        api.body,
+        "/v2/items?x=1 rewritten=yes secret= dest= host=web.internal"
+    );
+    assert_eq!(api.header("x-served-by"), Some("weir-test"));
+
+    let other = web.get("/other", &[("x-secret", "kept")]);
+    assert_eq!(
+        other.body,
+        "/other rewritten= secret=kept dest=web host=web:9080"
+    );
 }

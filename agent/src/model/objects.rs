@@ -1145,6 +1145,34 @@ spec:
             assert_eq!(error.field, field, "{error}");
             assert!(error.message.starts_with(message), "{error}");
         }
+        let both = ROUTES.replace(
+            "    timeout: 10s\n",
+            "    timeout: 10s\n    redirect: {uri: /elsewhere}\n",
+        );
+        let error = only_error(&both);
+        assert_eq!(
+            (error.field.as_str(), error.message.as_str()),
+            (
+                "spec.http[0]",
+                "only one of route, redirect and directResponse may be set"
+            )
+        );
+        let code = ROUTES.replace(
+            "  - route:\n    - {destination: {host: reviews.other",
+            "  - redirect: {uri: /x, redirectCode: 200}\n  - route:\n    - {destination: {host: reviews.other",
+        );
+        assert_eq!(
+            only_error(&code).field,
+            "spec.http[1].redirect.redirectCode"
+        );
+        let header = ROUTES.replace(
+            "    timeout: 10s\n",
+            "    timeout: 10s\n    headers: {request: {set: {\"bad header\": x}}}\n",
+        );
+        assert_eq!(
+            only_error(&header).field,
+            "spec.http[0].headers.request.set[\"bad header\"]"
+        );
         // Fields that Istio does not have are errors too.
         let error = only_error(&ROUTES.replace("timeout: 10s", "timeout: 10s\n    timeOut: 1s"));
         assert_eq!(error.field, "spec.http[0].timeOut");

@@ -55,16 +55,75 @@ pub struct HttpRoute {
     pub timeout: Option<String>,
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFaultInjection>,
-    pub redirect: Unimplemented,
-    pub direct_response: Unimplemented,
+    pub redirect: Option<HttpRedirect>,
+    pub direct_response: Option<HttpDirectResponse>,
     pub delegate: Unimplemented,
-    pub rewrite: Unimplemented,
+    pub rewrite: Option<HttpRewrite>,
     pub mirror: Unimplemented,
     pub mirrors: Unimplemented,
     pub mirror_percentage: Unimplemented,
     pub mirror_percent: Unimplemented,
     pub cors_policy: Unimplemented,
-    pub headers: Unimplemented,
+    pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRedirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u32>,
+    pub derive_port: Option<String>,
+    pub scheme: Option<String>,
+    pub redirect_code: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpDirectResponse {
+    pub status: u32,
+    pub body: Option<HttpBody>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpBody {
+    pub string: Option<String>,
+    pub bytes: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rewrite: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOperations {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -107,7 +166,7 @@ pub struct HttpRouteDestination {
     pub destination: Option<Destination>,
     #[serde(default)]
     pub weight: i32,
-    pub headers: Unimplemented,
+    pub headers: Option<Headers>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

@@ -61,6 +61,81 @@ pub struct HttpRule {
     /// None: Istio's default policy.
     pub retries: Option<RetryPolicy>,
     pub fault: Option<Fault>,
+    /// Instead of routes: answer with a redirect.
+    pub redirect: Option<Redirect>,
+    /// Instead of routes: answer with this.
+    pub direct_response: Option<DirectResponse>,
+    pub rewrite: Option<Rewrite>,
+    pub headers: Headers,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Redirect {
+    /// Replaces the path.
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    /// `derivePort: FROM_REQUEST_PORT`.
+    pub port_from_request: bool,
+    pub scheme: Option<String>,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DirectResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rewrite {
+    /// Replaces the matched prefix, or the whole path.
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    /// `uriRegexRewrite`: every match of the pattern in the path.
+    pub uri_regex: Option<(Pattern, String)>,
+}
+
+/// Header changes for requests and responses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Headers {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HeaderOps {
+    /// Names lowercase.
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    /// Applies the changes: remove, then set (replacing), then add.
+    pub fn apply(&self, headers: &mut hyper::HeaderMap) {
+        use hyper::header::{HeaderName, HeaderValue};
+        for name in &self.remove {
+            headers.remove(name.as_str());
+        }
+        let pairs = |pairs: &'_ [(String, String)]| {
+            pairs
+                .iter()
+                .filter_map(|(name, value)| {
+                    Some((
+                        HeaderName::from_bytes(name.as_bytes()).ok()?,
+                        HeaderValue::from_str(value).ok()?,
+                    ))
+                })
+                .collect::<Vec<_>>()
+        };
+        for (name, value) in pairs(&self.set) {
+            headers.insert(name, value);
+        }
+        for (name, value) in pairs(&self.add) {
+            headers.append(name, value);
+        }
+    }
 }
 
 /// Every set field must fit (AND).
@@ -134,6 +209,7 @@ pub struct WeightedDestination {
     pub subset: Option<String>,
     pub port: Option<u16>,
     pub weight: u32,
+    pub headers: Headers,
 }
 
 /// When to try a request again. `attempts` counts retries: the upstream

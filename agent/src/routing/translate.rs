@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 
 use super::istio;
 use super::{
-    ConnectionPool, DestinationRule, Fault, FaultAbort, FaultDelay, HashKey, HttpRule,
-    LoadBalancer, Pattern, RequestMatch, RetryOn, RetryPolicy, StringMatcher, Subset,
-    VirtualService, WeightedDestination, parse_duration,
+    ConnectionPool, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay, HashKey,
+    HeaderOps, Headers, HttpRule, LoadBalancer, Pattern, Redirect, RequestMatch, RetryOn,
+    RetryPolicy, Rewrite, StringMatcher, Subset, VirtualService, WeightedDestination,
+    parse_duration,
 };
 use crate::model::FieldError;
 
@@ -382,15 +383,10 @@ fn http_rule(
     rule: &istio::HttpRoute,
     namespace: &str,
 ) -> Option<HttpRule> {
-    let takes_over = [
-        ("redirect", &rule.redirect),
-        ("directResponse", &rule.direct_response),
-        ("delegate", &rule.delegate),
-    ];
-    let skipped = rule.route.is_empty() && takes_over.iter().any(|(_, value)| value.is_some());
+    let skipped = rule.route.is_empty() && rule.delegate.is_some();
     checker.unimplemented(
         path,
-        &takes_over,
+        &[("delegate", &rule.delegate)],
         if skipped {
             "this rule is skipped, as if it were not there"
         } else {
@@ -400,22 +396,87 @@ fn http_rule(
     checker.unimplemented(
         path,
         &[
-            ("rewrite", &rule.rewrite),
             ("mirror", &rule.mirror),
             ("mirrors", &rule.mirrors),
             ("mirrorPercentage", &rule.mirror_percentage),
             ("mirrorPercent", &rule.mirror_percent),
             ("corsPolicy", &rule.cors_policy),
-            ("headers", &rule.headers),
         ],
         "ignored",
     );
-    if rule.route.is_empty() && !skipped {
-        checker.error(
+    let actions = [
+        !rule.route.is_empty(),
+        rule.redirect.is_some(),
+        rule.direct_response.is_some(),
+    ];
+    match actions.iter().filter(|&&set| set).count() {
+        0 if !skipped => checker.error(
             format!("{path}.route"),
-            "required: at least one destination",
-        );
+            "required: at least one destination (or a redirect or directResponse)",
+        ),
+        0 | 1 => {}
+        _ => checker.error(
+            path,
+            "only one of route, redirect and directResponse may be set",
+        ),
     }
+    let redirect = rule
+        .redirect
+        .as_ref()
+        .and_then(|redirect| self::redirect(checker, &format!("{path}.redirect"), redirect));
+    let direct_response = rule.direct_response.as_ref().and_then(|direct| {
+        let path = format!("{path}.directResponse");
+        let body = direct.body.clone().unwrap_or_default();
+        checker.unimplemented(
+            &format!("{path}.body"),
+            &[("bytes", &body.bytes)],
+            "an empty body is sent",
+        );
+        match u16::try_from(direct.status) {
+            Ok(status) if (200..=599).contains(&status) => Some(DirectResponse {
+                status,
+                body: body.string.unwrap_or_default(),
+            }),
+            _ => {
+                checker.error(
+                    format!("{path}.status"),
+                    format!("{} is not an HTTP status (200-599)", direct.status),
+                );
+                None
+            }
+        }
+    });
+    let rewrite = rule.rewrite.as_ref().map(|rewrite| {
+        let path = format!("{path}.rewrite");
+        if rewrite.uri.is_some() && rewrite.uri_regex_rewrite.is_some() {
+            checker.error(&path, "only one of uri and uriRegexRewrite may be set");
+        }
+        let uri_regex =
+            rewrite.uri_regex_rewrite.as_ref().and_then(|regex| {
+                match regex::Regex::new(&regex.pattern) {
+                    Ok(compiled) => Some((
+                        Pattern {
+                            source: regex.pattern.clone(),
+                            regex: compiled,
+                        },
+                        regex.rewrite.replace("\\", "$"),
+                    )),
+                    Err(error) => {
+                        checker.error(
+                            format!("{path}.uriRegexRewrite.match"),
+                            format!("not a valid regex: {error}"),
+                        );
+                        None
+                    }
+                }
+            });
+        Rewrite {
+            uri: rewrite.uri.clone(),
+            authority: rewrite.authority.clone(),
+            uri_regex,
+        }
+    });
+    let headers = header_changes(checker, &format!("{path}.headers"), rule.headers.as_ref());
     let matches = rule
         .matches
         .iter()
@@ -426,7 +487,7 @@ fn http_rule(
     let mut routes = Vec::new();
     for (i, route) in rule.route.iter().enumerate() {
         let field = format!("{path}.route[{i}]");
-        checker.unimplemented(&field, &[("headers", &route.headers)], "ignored");
+        let headers = header_changes(checker, &format!("{field}.headers"), route.headers.as_ref());
         let Some(destination) = &route.destination else {
             checker.error(format!("{field}.destination"), "missing");
             continue;
@@ -463,6 +524,7 @@ fn http_rule(
             port,
             // A single destination takes all traffic whatever its weight.
             weight: if several { weight } else { 100 },
+            headers,
         });
     }
     if several && routes.iter().all(|route| route.weight == 0) {
@@ -557,7 +619,103 @@ fn http_rule(
         timeout,
         retries,
         fault,
+        redirect,
+        direct_response,
+        rewrite,
+        headers,
     })
+}
+
+fn redirect(checker: &mut Checker, path: &str, redirect: &istio::HttpRedirect) -> Option<Redirect> {
+    let code = match redirect.redirect_code {
+        None => 301,
+        Some(code) => match u16::try_from(code) {
+            Ok(code) if (300..=399).contains(&code) => code,
+            _ => {
+                checker.error(
+                    format!("{path}.redirectCode"),
+                    format!("{code} is not a redirect status (300-399)"),
+                );
+                return None;
+            }
+        },
+    };
+    let port = match redirect.port {
+        None => None,
+        Some(port) => match u16::try_from(port) {
+            Ok(port) if port != 0 => Some(port),
+            _ => {
+                checker.error(
+                    format!("{path}.port"),
+                    format!("{port} is not a port number (1-65535)"),
+                );
+                return None;
+            }
+        },
+    };
+    let port_from_request = match redirect.derive_port.as_deref() {
+        None | Some("FROM_PROTOCOL_DEFAULT") => false,
+        Some("FROM_REQUEST_PORT") => true,
+        Some(other) => {
+            checker.error(
+                format!("{path}.derivePort"),
+                format!("{other:?} is not FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT"),
+            );
+            return None;
+        }
+    };
+    Some(Redirect {
+        uri: redirect.uri.clone(),
+        authority: redirect.authority.clone(),
+        port,
+        port_from_request,
+        scheme: redirect.scheme.clone(),
+        code,
+    })
+}
+
+fn header_changes(checker: &mut Checker, path: &str, headers: Option<&istio::Headers>) -> Headers {
+    let mut ops = |name: &str, operations: Option<&istio::HeaderOperations>| {
+        let Some(operations) = operations else {
+            return HeaderOps::default();
+        };
+        let mut valid = |kind: &str, (header, value): (&String, &String)| {
+            let field = format!("{path}.{name}.{kind}[{header:?}]");
+            if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                checker.error(field, "not a valid header name");
+                return None;
+            }
+            if hyper::header::HeaderValue::from_str(value).is_err() {
+                checker.error(field, format!("{value:?} is not a valid header value"));
+                return None;
+            }
+            Some((header.to_ascii_lowercase(), value.clone()))
+        };
+        HeaderOps {
+            set: operations
+                .set
+                .iter()
+                .filter_map(|pair| valid("set", pair))
+                .collect(),
+            add: operations
+                .add
+                .iter()
+                .filter_map(|pair| valid("add", pair))
+                .collect(),
+            remove: operations
+                .remove
+                .iter()
+                .map(|name| name.to_ascii_lowercase())
+                .collect(),
+        }
+    };
+    let Some(headers) = headers else {
+        return Headers::default();
+    };
+    Headers {
+        request: ops("request", headers.request.as_ref()),
+        response: ops("response", headers.response.as_ref()),
+    }
 }
 
 fn request_match(

@@ -210,22 +210,49 @@ impl Connection {
             source_labels: source.map(|source| &source.labels),
             source_namespace: source.map(|source| source.namespace.as_str()),
         };
-        let rule = match vs {
+        let (rule, matched) = match vs {
             Some(vs) => match route::select(vs, &view) {
-                Some(rule) => Some(rule),
+                Some((rule, matched)) => (Some(rule), matched),
                 None => return (made_up(&NO_ROUTE), NO_ROUTE.flags, None, target_service),
             },
-            None => None,
+            None => (None, None),
         };
-        let (host, subset, port) =
-            match rule.and_then(|rule| route::weighted(&rule.routes, random())) {
-                Some(destination) => (
-                    destination.host.clone(),
-                    destination.subset.clone(),
-                    destination.port,
-                ),
-                None => (self.host.clone(), None, None),
-            };
+        let mut authority = authority;
+        if let Some(rule) = rule {
+            if let Some(direct) = &rule.direct_response {
+                let mut response = made_up(&MadeUp {
+                    status: direct.status,
+                    flags: "-",
+                    body: "",
+                });
+                *response.body_mut() = Full::new(Bytes::from(direct.body.clone()))
+                    .map_err(|never| match never {})
+                    .boxed();
+                rule.headers.response.apply(response.headers_mut());
+                return (response, "-", None, target_service);
+            }
+            if let Some(redirect) = &rule.redirect {
+                let mut response = redirect_to(redirect, &parts.uri, &authority, self.port);
+                rule.headers.response.apply(response.headers_mut());
+                return (response, "-", None, target_service);
+            }
+            if let Some(rewrite) = &rule.rewrite {
+                rewrite_request(rewrite, matched, &mut parts, &mut authority);
+            }
+            rule.headers.request.apply(&mut parts.headers);
+        }
+        let destination = rule.and_then(|rule| route::weighted(&rule.routes, random()));
+        if let Some(destination) = destination {
+            destination.headers.request.apply(&mut parts.headers);
+        }
+        let (host, subset, port) = match destination {
+            Some(destination) => (
+                destination.host.clone(),
+                destination.subset.clone(),
+                destination.port,
+            ),
+            None => (self.host.clone(), None, None),
+        };
         let Some(service) = cluster.service_by_hostname(&host) else {
             return (made_up(&NO_CLUSTER), NO_CLUSTER.flags, None, target_service);
         };
@@ -371,7 +398,7 @@ impl Connection {
             breaker,
             group: (&host, subset.as_deref().unwrap_or_default()),
         };
-        let (response, flags, destination) = match timeout {
+        let (mut response, flags, endpoint) = match timeout {
             Some(timeout) => match tokio::time::timeout(timeout, tries.run()).await {
                 Ok(result) => result,
                 Err(_) => (made_up(&TIMEOUT), TIMEOUT.flags, None),
@@ -382,7 +409,92 @@ impl Connection {
             (Some(_), "-") => "DI",
             (_, flags) => flags,
         };
-        (response, flags, destination, service_name)
+        if let Some(rule) = rule {
+            rule.headers.response.apply(response.headers_mut());
+        }
+        if let Some(destination) = destination {
+            destination.headers.response.apply(response.headers_mut());
+        }
+        (response, flags, endpoint, service_name)
+    }
+}
+
+/// A redirect as Envoy makes it: the request's URL with what `redirect`
+/// replaces; the query stays.
+fn redirect_to(
+    redirect: &routing::Redirect,
+    uri: &Uri,
+    authority: &str,
+    request_port: u16,
+) -> Response<Body> {
+    let (request_host, authority_port) = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => (host, port.parse().ok()),
+        _ => (authority, None),
+    };
+    let host = redirect.authority.as_deref().unwrap_or(request_host);
+    let port = redirect.port.or(redirect
+        .port_from_request
+        .then(|| authority_port.unwrap_or(request_port)));
+    let scheme = redirect.scheme.as_deref().unwrap_or("http");
+    let path = redirect.uri.as_deref().unwrap_or(uri.path());
+    let mut location = format!("{scheme}://{host}");
+    if let Some(port) = port {
+        location.push_str(&format!(":{port}"));
+    }
+    location.push_str(path);
+    if let Some(query) = uri.query() {
+        location.push_str(&format!("?{query}"));
+    }
+    let mut response = made_up(&MadeUp {
+        status: redirect.code,
+        flags: "-",
+        body: "",
+    });
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+/// Applies `rewrite` to the request: the matched prefix of the path (or the
+/// whole path when the match was not by prefix), or every match of a regex;
+/// the authority.
+fn rewrite_request(
+    rewrite: &routing::Rewrite,
+    matched: Option<&routing::RequestMatch>,
+    parts: &mut hyper::http::request::Parts,
+    authority: &mut String,
+) {
+    let path = parts.uri.path();
+    let new_path = if let Some(uri) = &rewrite.uri {
+        match matched.and_then(|m| m.uri.as_ref()) {
+            Some(routing::StringMatcher::Prefix(prefix)) if path.starts_with(prefix.as_str()) => {
+                Some(format!("{uri}{}", &path[prefix.len()..]))
+            }
+            _ => Some(uri.clone()),
+        }
+    } else {
+        rewrite.uri_regex.as_ref().map(|(pattern, replacement)| {
+            pattern
+                .regex
+                .replace_all(path, replacement.as_str())
+                .into_owned()
+        })
+    };
+    if let Some(new_path) = new_path {
+        let with_query = match parts.uri.query() {
+            Some(query) => format!("{new_path}?{query}"),
+            None => new_path,
+        };
+        if let Ok(uri) = with_query.parse() {
+            parts.uri = uri;
+        }
+    }
+    if let Some(new_authority) = &rewrite.authority
+        && let Ok(value) = HeaderValue::from_str(new_authority)
+    {
+        parts.headers.insert(header::HOST, value);
+        new_authority.clone_into(authority);
     }
 }
 

@@ -20,11 +20,19 @@ pub struct RequestView<'a> {
     pub source_namespace: Option<&'a str>,
 }
 
-/// The first rule of `vs` that the request fits, if any.
-pub fn select<'v>(vs: &'v VirtualService, request: &RequestView) -> Option<&'v HttpRule> {
-    vs.http
-        .iter()
-        .find(|rule| rule.matches.is_empty() || rule.matches.iter().any(|m| matches(m, request)))
+/// The first rule of `vs` that the request fits, if any, and the match
+/// block that it fit (None when the rule has none).
+pub fn select<'v>(
+    vs: &'v VirtualService,
+    request: &RequestView,
+) -> Option<(&'v HttpRule, Option<&'v RequestMatch>)> {
+    vs.http.iter().find_map(|rule| {
+        if rule.matches.is_empty() {
+            return Some((rule, None));
+        }
+        let matched = rule.matches.iter().find(|m| matches(m, request))?;
+        Some((rule, Some(matched)))
+    })
 }
 
 pub fn matches(m: &RequestMatch, request: &RequestView) -> bool {
@@ -169,7 +177,7 @@ mod tests {
     }
 
     fn chosen(vs: &VirtualService, req: &Req) -> Option<String> {
-        select(vs, &req.view()).map(|rule| rule.name.clone().unwrap_or_default())
+        select(vs, &req.view()).map(|(rule, _)| rule.name.clone().unwrap_or_default())
     }
 
     const RULES: &str = "
