@@ -81,9 +81,10 @@ struct RunArgs {
     #[arg(long, env = "WEIR_INTERCEPTION", value_enum, default_value_t = Interception::Ebpf)]
     interception: Interception,
     /// Let the kernel carry established L4 flows from socket to socket
-    /// (sockmap), once policy has allowed them: `--fast-path false` keeps
-    /// every byte in the proxy. eBPF interception only.
-    #[arg(long, env = "WEIR_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    /// (sockmap), once policy has allowed them. Off by default: on this
+    /// kernel the egress redirect goes through a workqueue and measured
+    /// slower than the proxy (see bench/README.md). eBPF interception only.
+    #[arg(long, env = "WEIR_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     fast_path: bool,
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,

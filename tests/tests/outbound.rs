@@ -33,6 +33,10 @@ struct Mesh {
 }
 
 fn mesh(test: &str) -> Mesh {
+    mesh_with(test, &[])
+}
+
+fn mesh_with(test: &str, agent_args: &[&str]) -> Mesh {
     let mut sb = Sandbox::new(SandboxOptions::for_test(test)).unwrap();
     let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let legacy = sb
@@ -45,7 +49,7 @@ fn mesh(test: &str) -> Mesh {
     for pod in [&server, &neighbour] {
         serve_echo(pod);
     }
-    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    let agent = sb.start_agent(NodeId::Xuegod63, agent_args).unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     Mesh {
         sb,
@@ -280,7 +284,7 @@ fn transfers_64_mib_each_way_intact() {
 /// the byte metrics must count every byte once.
 #[test]
 fn kernel_carried_flow_stays_in_order_and_counted() {
-    let m = mesh("fastpath");
+    let m = mesh_with("fastpath", &["--fast-path", "true"]);
     const SIZE: usize = 10 << 20;
     let labels = [("source_workload", "client"), ("reporter", "source")];
     for (round, server) in [&m.server, &m.neighbour].into_iter().enumerate() {
