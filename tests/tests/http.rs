@@ -1211,3 +1211,76 @@ spec:
         "/other rewritten= secret=kept dest=web host=web:9080"
     );
 }
+
+/// Istio's outlier detection shape: a pod that answers 500 is ejected
+/// after its first failure and gets no more requests.
+#[test]
+fn outlier_detection_ejects_a_failing_pod() {
+    let mut sb = Sandbox::new(SandboxOptions::for_test("http-outlier")).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("client", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "client"),
+        )
+        .unwrap();
+    let good = sb
+        .add_pod(
+            PodSpec::new("httpbin-v1", NodeId::Xuegod64)
+                .label("app", "httpbin")
+                .label("version", "v1"),
+        )
+        .unwrap();
+    serve_http(&good, app("httpbin", "v1"));
+    let bad = sb
+        .add_pod(
+            PodSpec::new("httpbin-v2", NodeId::Xuegod64)
+                .label("app", "httpbin")
+                .label("version", "v2"),
+        )
+        .unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    serve_http(
+        &bad,
+        Arc::new(move |_, _| {
+            counted.fetch_add(1, SeqCst);
+            (500, "httpbin v2 broken".into(), Duration::ZERO)
+        }),
+    );
+    let vip = sb.addressing().service_ip(80);
+    sb.add_http_service("httpbin", "default", vip, PORT, PORT, &[("app", "httpbin")])
+        .unwrap();
+    sb.write_manifest(
+        "httpbin-outlier.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+",
+    )
+    .unwrap();
+    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let addr = SocketAddr::from((vip, PORT));
+    wait_until("the rule is loaded", || {
+        agent
+            .config_dump()
+            .is_ok_and(|dump| dump.to_string().contains("consecutive_5xx_errors"))
+    });
+    let mut client = Client::connect(&client, addr, "httpbin");
+    let statuses: Vec<u16> = (0..40).map(|_| client.get("/", &[]).status).collect();
+    let failed = statuses.iter().filter(|&&status| status == 500).count();
+    assert_eq!(failed, 1, "{statuses:?}");
+    assert_eq!(hits.load(SeqCst), 1, "the ejected pod got no more requests");
+    assert_eq!(statuses.iter().filter(|&&status| status == 200).count(), 39);
+}

@@ -1051,14 +1051,22 @@ spec:
       maxEjectionPercent: 100
 ";
         let parsed = parse(text).unwrap();
-        let [warning] = parsed.warnings.as_slice() else {
-            panic!("{:?}", parsed.warnings)
-        };
-        assert_eq!(warning.field, "spec.trafficPolicy.outlierDetection");
+        assert_eq!(parsed.warnings, []);
         let Object::DestinationRule(dr) = &parsed.objects[0] else {
             panic!()
         };
-        let pool = dr.translate().unwrap().value.connection_pool.unwrap();
+        let dr = dr.translate().unwrap().value;
+        assert_eq!(
+            dr.outlier_detection,
+            Some(crate::routing::OutlierDetection {
+                consecutive_5xx_errors: 1,
+                consecutive_gateway_errors: 0,
+                interval: std::time::Duration::from_secs(1),
+                base_ejection_time: std::time::Duration::from_secs(180),
+                max_ejection_percent: 100,
+            })
+        );
+        let pool = dr.connection_pool.unwrap();
         assert_eq!(
             pool,
             crate::routing::ConnectionPool {
@@ -1186,7 +1194,7 @@ spec:
     fn unimplemented_routing_fields_are_warnings() {
         let text = ROUTES
             .replace("    timeout: 10s\n", "    timeout: 10s\n    corsPolicy: {allowOrigins: [{exact: a}]}\n    mirror: {host: shadow}\n")
-            .replace("simple: RANDOM}", "simple: RANDOM}, outlierDetection: {consecutive5xxErrors: 7}")
+            .replace("simple: RANDOM}", "simple: RANDOM}, portLevelSettings: [{port: {number: 80}}]")
             .replace("spec:\n  hosts: [reviews]\n", "spec:\n  hosts: [reviews]\n  tcp: [{route: [{destination: {host: reviews}}]}]\n");
         let parsed = parse(&text).unwrap();
         assert_eq!(parsed.objects.len(), 2, "the objects are used");
@@ -1211,7 +1219,7 @@ spec:
                     "not implemented in weir yet: ignored"
                 ),
                 (
-                    "spec.trafficPolicy.outlierDetection",
+                    "spec.trafficPolicy.portLevelSettings",
                     "not implemented in weir yet: ignored"
                 ),
             ]

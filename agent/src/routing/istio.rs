@@ -258,7 +258,7 @@ pub struct DestinationRuleSpec {
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
-    pub outlier_detection: Unimplemented,
+    pub outlier_detection: Option<OutlierDetectionSettings>,
     pub tls: Option<ClientTlsSettings>,
     pub port_level_settings: Unimplemented,
     pub tunnel: Unimplemented,
@@ -274,6 +274,21 @@ pub struct LoadBalancerSettings {
     pub locality_lb_setting: Unimplemented,
     pub warmup_duration_secs: Unimplemented,
     pub warmup: Unimplemented,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSettings {
+    /// Deprecated form of consecutive5xxErrors.
+    pub consecutive_errors: Option<i32>,
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i32>,
+    pub min_health_percent: Unimplemented,
+    pub split_external_local_origin_errors: Unimplemented,
+    pub consecutive_local_origin_failures: Unimplemented,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

@@ -289,6 +289,7 @@ pub struct DestinationRule {
     pub host: String,
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
     pub subsets: Vec<Subset>,
 }
 
@@ -306,6 +307,25 @@ pub struct Subset {
     pub load_balancer: Option<LoadBalancer>,
     /// Overrides the rule's own.
     pub connection_pool: Option<ConnectionPool>,
+    /// Overrides the rule's own.
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// `trafficPolicy.outlierDetection`: endpoints that fail in a row are
+/// ejected (receive no requests) for a while, per source pod and
+/// destination, as Envoy does.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct OutlierDetection {
+    /// 5xx answers (and failures to get one) in a row; 0 is off.
+    pub consecutive_5xx_errors: u32,
+    /// 502, 503 and 504 answers (and failures to get one) in a row; 0 is off.
+    pub consecutive_gateway_errors: u32,
+    #[serde(serialize_with = "millis_required")]
+    pub interval: Duration,
+    /// Times the number of ejections so far.
+    #[serde(serialize_with = "millis_required")]
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
 }
 
 /// `trafficPolicy.connectionPool`: the circuit breaker, with Envoy's

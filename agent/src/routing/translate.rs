@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use super::istio;
 use super::{
     ConnectionPool, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay, HashKey,
-    HeaderOps, Headers, HttpRule, LoadBalancer, Pattern, Redirect, RequestMatch, RetryOn,
-    RetryPolicy, Rewrite, StringMatcher, Subset, VirtualService, WeightedDestination,
+    HeaderOps, Headers, HttpRule, LoadBalancer, OutlierDetection, Pattern, Redirect, RequestMatch,
+    RetryOn, RetryPolicy, Rewrite, StringMatcher, Subset, VirtualService, WeightedDestination,
     parse_duration,
 };
 use crate::model::FieldError;
@@ -152,7 +152,6 @@ impl Checker {
         self.unimplemented(
             path,
             &[
-                ("outlierDetection", &policy.outlier_detection),
                 ("portLevelSettings", &policy.port_level_settings),
                 ("tunnel", &policy.tunnel),
                 ("proxyProtocol", &policy.proxy_protocol),
@@ -209,6 +208,69 @@ impl Checker {
 }
 
 impl Checker {
+    fn outlier_detection(
+        &mut self,
+        path: &str,
+        policy: Option<&istio::TrafficPolicy>,
+    ) -> Option<OutlierDetection> {
+        let settings = policy?.outlier_detection.as_ref()?;
+        let path = format!("{path}.outlierDetection");
+        self.unimplemented(
+            &path,
+            &[
+                ("minHealthPercent", &settings.min_health_percent),
+                (
+                    "splitExternalLocalOriginErrors",
+                    &settings.split_external_local_origin_errors,
+                ),
+                (
+                    "consecutiveLocalOriginFailures",
+                    &settings.consecutive_local_origin_failures,
+                ),
+            ],
+            "ignored",
+        );
+        let mut count = |field: &str, value: Option<i64>, default: u32| match value {
+            None => Some(default),
+            Some(value) => u32::try_from(value).ok().or_else(|| {
+                self.error(format!("{path}.{field}"), "must not be negative");
+                None
+            }),
+        };
+        // Envoy's defaults, which Istio keeps.
+        let consecutive_5xx_errors = count(
+            "consecutive5xxErrors",
+            settings
+                .consecutive_5xx_errors
+                .or(settings.consecutive_errors.map(i64::from)),
+            5,
+        )?;
+        let consecutive_gateway_errors = count(
+            "consecutiveGatewayErrors",
+            settings.consecutive_gateway_errors,
+            0,
+        )?;
+        let max_ejection_percent = count(
+            "maxEjectionPercent",
+            settings.max_ejection_percent.map(i64::from),
+            10,
+        )?;
+        if max_ejection_percent > 100 {
+            self.error(format!("{path}.maxEjectionPercent"), "must be at most 100");
+        }
+        let mut duration = |field: &str, value: &Option<String>, default: u64| match value {
+            None => Some(std::time::Duration::from_secs(default)),
+            Some(text) => self.duration(format!("{path}.{field}"), text),
+        };
+        Some(OutlierDetection {
+            consecutive_5xx_errors,
+            consecutive_gateway_errors,
+            interval: duration("interval", &settings.interval, 10)?,
+            base_ejection_time: duration("baseEjectionTime", &settings.base_ejection_time, 30)?,
+            max_ejection_percent,
+        })
+    }
+
     fn connection_pool(
         &mut self,
         path: &str,
@@ -872,6 +934,8 @@ impl istio::DestinationRule {
             checker.load_balancer("spec.trafficPolicy", spec.traffic_policy.as_ref());
         let connection_pool =
             checker.connection_pool("spec.trafficPolicy", spec.traffic_policy.as_ref());
+        let outlier_detection =
+            checker.outlier_detection("spec.trafficPolicy", spec.traffic_policy.as_ref());
         let mut subsets: Vec<Subset> = Vec::new();
         for (i, subset) in spec.subsets.iter().enumerate() {
             let path = format!("spec.subsets[{i}]");
@@ -891,11 +955,16 @@ impl istio::DestinationRule {
                 &format!("{path}.trafficPolicy"),
                 subset.traffic_policy.as_ref(),
             );
+            let outlier_detection = checker.outlier_detection(
+                &format!("{path}.trafficPolicy"),
+                subset.traffic_policy.as_ref(),
+            );
             subsets.push(Subset {
                 name: subset.name.clone(),
                 labels: subset.labels.clone(),
                 load_balancer,
                 connection_pool,
+                outlier_detection,
             });
         }
         let value = DestinationRule {
@@ -904,6 +973,7 @@ impl istio::DestinationRule {
             namespace,
             load_balancer,
             connection_pool,
+            outlier_detection,
             subsets,
         };
         checker.finish(value)

@@ -18,6 +18,7 @@
 mod balance;
 mod breaker;
 mod fault;
+mod outlier;
 mod pool;
 mod retry;
 mod route;
@@ -331,6 +332,14 @@ impl Connection {
                 let subset = subset.as_deref().unwrap_or_default();
                 breaker::breaker(cookie, &host, subset, service_port.port, pool)
             });
+        let outliers = subset_rule
+            .and_then(|subset| subset.outlier_detection.as_ref())
+            .or(rule_set.and_then(|dr| dr.outlier_detection.as_ref()))
+            .map(|config| {
+                let cookie = self.pod.factory.netns_cookie();
+                let subset = subset.as_deref().unwrap_or_default();
+                outlier::detector(cookie, &host, subset, service_port.port, config)
+            });
 
         // Faults first; a route with faults has no timeout nor retries.
         let fault = rule.and_then(|rule| rule.fault.as_ref());
@@ -396,6 +405,7 @@ impl Connection {
             load_balancer,
             hash,
             breaker,
+            outliers,
             group: (&host, subset.as_deref().unwrap_or_default()),
         };
         let (mut response, flags, endpoint) = match timeout {
@@ -518,6 +528,7 @@ struct Tries<'a> {
     /// The request's consistent-hash key, hashed.
     hash: Option<u64>,
     breaker: Option<Arc<breaker::Breaker>>,
+    outliers: Option<Arc<outlier::Detector>>,
     group: (&'a str, &'a str),
 }
 
@@ -538,8 +549,12 @@ impl Tries<'_> {
                 },
                 None => breaker::Admission::default(),
             };
+            let healthy = match &self.outliers {
+                Some(outliers) => outliers.healthy(&addrs, Instant::now()),
+                None => addrs.clone(),
+            };
             let addr = balance::choose(
-                &addrs,
+                &healthy,
                 &tried,
                 &self.load_balancer,
                 cookie,
@@ -576,6 +591,11 @@ impl Tries<'_> {
                 },
                 Err(outcome) => *outcome,
             };
+            if let Some(outliers) = &self.outliers
+                && outliers.report(addr, outcome, addrs.len(), Instant::now())
+            {
+                debug!(%addr, "endpoint ejected by outlier detection");
+            }
             let retriable = retry::should_retry(&self.policy.retry_on, outcome);
             let may_retry = retriable
                 && try_number < self.policy.attempts
