@@ -25,7 +25,7 @@ mod report;
 mod server;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ use crate::load::{Expect, Meters, Window};
 use crate::meter::{nofile_limit, open_fds, rss_bytes, slab_bytes};
 use crate::probe::Probe;
 use crate::report::{ConnectCost, Memory, Report, Run};
-use crate::server::{ECHO_PORT, SINK_PORT, Server};
+use crate::server::{ECHO_PORT, HTTP_PORT, SINK_PORT, Server};
 
 /// Agent log lines shown when a measurement fails.
 const LOG_TAIL: usize = 20;
@@ -159,6 +159,37 @@ impl Workload {
     }
 }
 
+/// The HTTP scenarios: 1 KiB answers to GETs on 16 kept-alive connections,
+/// from the client pods to the servers' HTTP port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HttpMode {
+    /// From the plain client to the server pod's address: no mesh.
+    Direct,
+    /// From the enrolled client to the server pod's address: the outbound
+    /// proxy copies the bytes at L4.
+    L4,
+    /// From the enrolled client to the server's Service, whose port is
+    /// named `http`: the outbound proxy serves each request with hyper and
+    /// routes it (weir L7).
+    L7,
+}
+
+impl HttpMode {
+    pub const ALL: [HttpMode; 3] = [HttpMode::Direct, HttpMode::L4, HttpMode::L7];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpMode::Direct => "direct",
+            HttpMode::L4 => "weir L4",
+            HttpMode::L7 => "weir L7",
+        }
+    }
+}
+
+/// The Host header of the HTTP scenarios' requests.
+const HTTP_HOST: &str = "bench-http";
+const HTTP_CONNECTIONS: usize = 16;
+
 /// How long and how often; `--quick` shortens everything.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -238,6 +269,7 @@ fn main() -> Result<()> {
         settings,
         facts: facts.finish(started.elapsed()),
         results: measured.results,
+        http: measured.http,
         connect: measured.connect,
         memory: measured.memory,
     };
@@ -250,6 +282,7 @@ fn main() -> Result<()> {
 
 struct Measured {
     results: BTreeMap<(Placement, Mode, Workload), Vec<Run>>,
+    http: BTreeMap<(Placement, HttpMode), Vec<Run>>,
     connect: ConnectCost,
     memory: Memory,
 }
@@ -262,6 +295,9 @@ struct Pods {
     client_iptables: Pod,
     /// Per node: (not enrolled, enrolled).
     servers: BTreeMap<NodeId, (Pod, Pod)>,
+    /// Per node: the ClusterIP of the Service of its plain server, with an
+    /// HTTP port.
+    http_services: BTreeMap<NodeId, Ipv4Addr>,
     probe: Pod,
 }
 
@@ -339,6 +375,8 @@ fn measure(settings: &Settings) -> Result<Measured> {
         rounds(settings, &pods, &servers, &meters, &agent64),
     )?;
 
+    let http = with_logs(&agents, http_rounds(settings, &pods, &meters, &agent63))?;
+
     memory.idle_after_load = rss_bytes(agent63.pid())?;
     with_logs(&agents, idle_memory(&pods, &agent63, &mut memory))?;
     // Agents first, so that they do not see the sandbox go from under them.
@@ -348,6 +386,7 @@ fn measure(settings: &Settings) -> Result<Measured> {
     drop(sandbox);
     Ok(Measured {
         results,
+        http,
         connect,
         memory,
     })
@@ -380,11 +419,26 @@ fn add_pods(sandbox: &mut Sandbox) -> Result<Pods> {
             ),
         );
     }
+    let mut http_services = BTreeMap::new();
+    for (node, (plain, _)) in &servers {
+        let n = node.number();
+        let cluster_ip = sandbox.addressing().service_ip(u16::from(n));
+        sandbox.add_http_service(
+            &format!("{HTTP_HOST}-{n}"),
+            "default",
+            cluster_ip,
+            HTTP_PORT,
+            HTTP_PORT,
+            &[("app", plain.name())],
+        )?;
+        http_services.insert(*node, cluster_ip);
+    }
     Ok(Pods {
         client_plain,
         client_mesh,
         client_iptables,
         servers,
+        http_services,
         probe,
     })
 }
@@ -658,6 +712,97 @@ fn run_one(
         bail!("{via_weir} of {total} connections came through weir's inbound proxy, none should");
     }
     Ok(run)
+}
+
+/// The HTTP scenarios, round after round, the order of the modes rotating
+/// each round, from xuegod63's clients to each node's plain server.
+fn http_rounds(
+    settings: &Settings,
+    pods: &Pods,
+    meters: &Meters,
+    agent: &Agent,
+) -> Result<BTreeMap<(Placement, HttpMode), Vec<Run>>> {
+    let mut results: BTreeMap<_, Vec<Run>> = BTreeMap::new();
+    for round in 0..settings.rounds {
+        for placement in Placement::ALL {
+            let node = placement.server_node(NodeId::Xuegod63);
+            let mut modes = HttpMode::ALL;
+            modes.rotate_left(round % HttpMode::ALL.len());
+            for mode in modes {
+                check_interrupted()?;
+                let run =
+                    http_run(settings, pods, meters, agent, mode, node).with_context(|| {
+                        format!(
+                            "HTTP {} {}, round {}",
+                            placement.label(),
+                            mode.label(),
+                            round + 1
+                        )
+                    })?;
+                eprintln!(
+                    "[round {}/{}] {:<14} {:<10} {:<18} {}",
+                    round + 1,
+                    settings.rounds,
+                    "http c=16",
+                    placement.label(),
+                    mode.label(),
+                    run.describe(Workload::Rr16)
+                );
+                results.entry((placement, mode)).or_default().push(run);
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// One HTTP measurement; for L7, also checks that the agent served the
+/// requests as HTTP.
+fn http_run(
+    settings: &Settings,
+    pods: &Pods,
+    meters: &Meters,
+    agent: &Agent,
+    mode: HttpMode,
+    server_node: NodeId,
+) -> Result<Run> {
+    let (client, target) = match mode {
+        HttpMode::Direct => (
+            &pods.client_plain,
+            pods.servers[&server_node].0.addr(HTTP_PORT),
+        ),
+        HttpMode::L4 => (
+            &pods.client_mesh,
+            pods.servers[&server_node].0.addr(HTTP_PORT),
+        ),
+        HttpMode::L7 => (
+            &pods.client_mesh,
+            SocketAddr::from((pods.http_services[&server_node], HTTP_PORT)),
+        ),
+    };
+    let expect = Expect {
+        redirected: mode != HttpMode::Direct,
+    };
+    let served = || -> Result<f64> {
+        let metrics = agent.metrics()?;
+        let labels = [("reporter", "source"), ("source_workload", "client-mesh")];
+        Ok(metric_value(&metrics, "istio_requests_total", &labels).unwrap_or(0.0))
+    };
+    let before = served()?;
+    let window = settings.request_response;
+    let measured = load::in_pod(client, || {
+        load::http_request_response(target, HTTP_HOST, HTTP_CONNECTIONS, window, meters, expect)
+    })?;
+    let requests = served()? - before;
+    match mode {
+        HttpMode::L7 if requests < measured.count as f64 => bail!(
+            "the agent counted {requests} HTTP requests, the client completed {}",
+            measured.count
+        ),
+        HttpMode::Direct | HttpMode::L4 if requests != 0.0 => {
+            bail!("the agent counted {requests} HTTP requests on a path it should not parse")
+        }
+        _ => Ok(Run::from_measured(&measured)),
+    }
 }
 
 /// The agent on xuegod63 with up to 10k idle proxied connections (outbound

@@ -209,6 +209,98 @@ async fn rr_worker(
     Ok((latency, count))
 }
 
+/// `connections` kept-alive HTTP/1.1 connections, each sending a GET for
+/// `host` and reading the 1 KiB answer, one request at a time.
+pub async fn http_request_response(
+    server: SocketAddr,
+    host: &'static str,
+    connections: usize,
+    window: Window,
+    meters: &Meters,
+    expect: Expect,
+) -> Result<Measured> {
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        streams.push(connect(server, expect).await?);
+    }
+    let from = Instant::now() + window.warmup;
+    let until = from + window.measure;
+    let workers: Vec<_> = streams
+        .into_iter()
+        .map(|stream| {
+            tokio::spawn(timeout(
+                window.warmup + window.measure + IO_TIMEOUT,
+                http_worker(stream, host, from, until),
+            ))
+        })
+        .collect();
+    let usage = meter_window(meters, from, until).await?;
+    gather(workers, window, usage, "an HTTP worker").await
+}
+
+async fn http_worker(
+    mut stream: TcpStream,
+    host: &str,
+    from: Instant,
+    until: Instant,
+) -> Result<(Histogram<u64>, u64)> {
+    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n").into_bytes();
+    let mut buf = vec![0_u8; 16 * 1024];
+    let mut latency = histogram();
+    let mut count = 0;
+    for _ in 0..MAX_REQUESTS_PER_WORKER {
+        let start = Instant::now();
+        if start >= until {
+            break;
+        }
+        stream.write_all(&request).await?;
+        read_http_response(&mut stream, &mut buf).await?;
+        let end = Instant::now();
+        if start >= from && end <= until {
+            latency.saturating_record(end.duration_since(start).as_nanos() as u64);
+            count += 1;
+        }
+    }
+    Ok((latency, count))
+}
+
+/// Reads one `200` response with a content-length body. One request is in
+/// flight at a time, so nothing of the next response can follow it.
+async fn read_http_response(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+    let mut filled = 0;
+    let head_end = loop {
+        ensure!(
+            filled < buf.len(),
+            "an HTTP response head over {} bytes",
+            buf.len()
+        );
+        let n = stream.read(&mut buf[filled..]).await?;
+        ensure!(n > 0, "the server closed the connection mid-response");
+        filled += n;
+        if let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("a response head not in UTF-8")?;
+    ensure!(head.starts_with("HTTP/1.1 200 "), "not a 200: {head}");
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .with_context(|| format!("no content-length: {head}"))?;
+    let mut left = (head_end + length).saturating_sub(filled);
+    while left > 0 {
+        let room = left.min(buf.len());
+        let n = stream.read(&mut buf[..room]).await?;
+        ensure!(n > 0, "the server closed the connection mid-body");
+        left -= n;
+    }
+    Ok(())
+}
+
 /// `concurrency` workers, each in a loop: connect, 1 KiB each way, close.
 pub async fn connection_rate(
     server: SocketAddr,

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use crate::load::{Bulk, Measured};
 use crate::meter::Usage;
 use crate::probe::ProbeResult;
-use crate::{Mode, Placement, Settings, Workload};
+use crate::{HttpMode, Mode, Placement, Settings, Workload};
 
 /// One measurement of one workload in one scenario.
 #[derive(Clone, Debug)]
@@ -322,6 +322,8 @@ pub struct Report {
     pub settings: Settings,
     pub facts: Facts,
     pub results: BTreeMap<(Placement, Mode, Workload), Vec<Run>>,
+    /// HTTP with 1 KiB answers, 16 connections.
+    pub http: BTreeMap<(Placement, HttpMode), Vec<Run>>,
     pub connect: ConnectCost,
     pub memory: Memory,
 }
@@ -471,6 +473,7 @@ impl Report {
         self.headline(&mut md);
         self.throughput(&mut md);
         self.latency(&mut md);
+        self.http(&mut md);
         self.cpu(&mut md);
         self.connect_table(&mut md);
         self.memory_table(&mut md);
@@ -653,6 +656,57 @@ impl Report {
             );
         }
         md.push('\n');
+    }
+
+    /// The HTTP scenarios, against direct in the same placement: what L7
+    /// parsing and routing add on top of L4.
+    fn http(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "## HTTP through the L7 proxy (1 KiB answers to GETs, 16 kept-alive connections)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | req/s | × direct | p50 µs | p99 µs | added p50 µs | p50 × | p99 × |\n|---|---|---|---|---|---|---|---|"
+        );
+        let runs = |key| self.http.get(&key).map_or(&[][..], Vec::as_slice);
+        let value = |key| Stat::of(runs(key).iter().map(|r| r.value));
+        let percentile =
+            |key, i: usize| Stat::of(runs(key).iter().filter_map(|r| r.latency_us.map(|l| l[i])));
+        for placement in Placement::ALL {
+            let direct = (placement, HttpMode::Direct);
+            for mode in HttpMode::ALL {
+                let key = (placement, mode);
+                let over = |a: Option<Stat>, b: Option<Stat>| {
+                    a.zip(b)
+                        .filter(|(_, b)| b.median > 0.0)
+                        .map(|(a, b)| a.median / b.median)
+                };
+                let show = |s: Option<Stat>, format: fn(f64) -> String| {
+                    s.map_or_else(|| "–".to_owned(), |s| s.show(format))
+                };
+                let added = percentile(key, 0).zip(percentile(direct, 0)).map_or_else(
+                    || "–".to_owned(),
+                    |(a, d)| format!("{:+.1}", a.median - d.median),
+                );
+                let _ = writeln!(
+                    md,
+                    "| {}, {} | {} | {} | {} | {} | {added} | {} | {} |",
+                    placement.label(),
+                    mode.label(),
+                    show(value(key), rate),
+                    ratio(over(value(key), value(direct))),
+                    show(percentile(key, 0), micros),
+                    show(percentile(key, 1), micros),
+                    ratio(over(percentile(key, 0), percentile(direct, 0))),
+                    ratio(over(percentile(key, 1), percentile(direct, 1))),
+                );
+            }
+        }
+        md.push_str(
+            "\nweir L7 goes through one proxy hop (the client's node; the server is not \
+             enrolled), so its added p50 is the cost of one L7 hop.\n\n",
+        );
     }
 
     fn cpu(&self, md: &mut String) {

@@ -21,6 +21,8 @@ pub const ECHO_PORT: u16 = 9080;
 /// Reads until end of stream, then answers with the byte count (u64, big
 /// endian).
 pub const SINK_PORT: u16 = 9081;
+/// An HTTP/1.1 server answering every request with 1 KiB.
+pub const HTTP_PORT: u16 = 9082;
 /// Whatever happens, a server stops by itself after this.
 const LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// A connection that sends nothing for this long is closed.
@@ -29,6 +31,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 const ECHO_BUFFER: usize = 4 * 1024;
 const SINK_BUFFER: usize = 256 * 1024;
 /// Where weir's inbound proxy delivers from (weir_common::INBOUND_DELIVERY_IP).
+const HTTP_BODY: usize = 1024;
 const INBOUND_DELIVERY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 /// What a server saw, to check that a scenario really took the path it
@@ -65,21 +68,21 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name(format!("server-{}", pod.name()))
             .spawn(move || {
-                let setup =
-                    || -> io::Result<(StdListener, StdListener, tokio::runtime::Runtime)> {
-                        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                        let bind = |port| -> io::Result<StdListener> {
-                            let listener =
-                                StdListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
-                            listener.set_nonblocking(true)?;
-                            Ok(listener)
-                        };
-                        let runtime = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()?;
-                        Ok((bind(ECHO_PORT)?, bind(SINK_PORT)?, runtime))
+                let setup = || -> io::Result<([StdListener; 3], tokio::runtime::Runtime)> {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    let bind = |port| -> io::Result<StdListener> {
+                        let listener =
+                            StdListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+                        listener.set_nonblocking(true)?;
+                        Ok(listener)
                     };
-                let (echo, sink, runtime) = match setup() {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    let listeners = [bind(ECHO_PORT)?, bind(SINK_PORT)?, bind(HTTP_PORT)?];
+                    Ok((listeners, runtime))
+                };
+                let (listeners, runtime) = match setup() {
                     Ok(parts) => {
                         let _ = ready_tx.send(Ok(()));
                         parts
@@ -89,7 +92,7 @@ impl Server {
                         return;
                     }
                 };
-                runtime.block_on(serve(echo, sink, counters, stopped));
+                runtime.block_on(serve(listeners, counters, stopped));
                 // Dropping the runtime drops every connection task.
             })?;
         ready
@@ -121,14 +124,13 @@ impl Drop for Server {
 }
 
 async fn serve(
-    echo: StdListener,
-    sink: StdListener,
+    listeners: [StdListener; 3],
     accepted: Arc<Accepted>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let (echo, sink) = match (TcpListener::from_std(echo), TcpListener::from_std(sink)) {
-        (Ok(echo), Ok(sink)) => (echo, sink),
-        (Err(error), _) | (_, Err(error)) => {
+    let [echo, sink, http] = match listeners.map(TcpListener::from_std) {
+        [Ok(echo), Ok(sink), Ok(http)] => [echo, sink, http],
+        [Err(error), ..] | [_, Err(error), _] | [.., Err(error)] => {
             eprintln!("weir-bench: server listener: {error}");
             return;
         }
@@ -148,6 +150,13 @@ async fn serve(
                 Ok((stream, peer)) => {
                     count(&accepted, peer);
                     tokio::spawn(sink_connection(stream));
+                }
+                Err(error) => accept_failed(error).await,
+            },
+            result = http.accept() => match result {
+                Ok((stream, peer)) => {
+                    count(&accepted, peer);
+                    tokio::spawn(http_connection(stream));
                 }
                 Err(error) => accept_failed(error).await,
             },
@@ -179,6 +188,37 @@ async fn echo_connection(mut stream: TcpStream) {
             _ => return,
         };
         if stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers each request on a kept-alive connection with 1 KiB. The bench's
+/// client sends GETs without bodies, one at a time, so a request ends at
+/// its blank line.
+async fn http_connection(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {HTTP_BODY}\r\n\r\n"
+    )
+    .into_bytes();
+    response.resize(response.len() + HTTP_BODY, b'x');
+    let mut buf = vec![0; ECHO_BUFFER];
+    let mut filled = 0;
+    loop {
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut buf[filled..])).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        filled += n;
+        while let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            if stream.write_all(&response).await.is_err() {
+                return;
+            }
+            buf.copy_within(end + 4..filled, 0);
+            filled -= end + 4;
+        }
+        if filled == buf.len() {
             return;
         }
     }
