@@ -405,6 +405,35 @@ fn request_routing_and_traffic_shifting() {
     let text = b.agent.metrics().unwrap();
     assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
     assert!(text.contains("le=\"0.5\""));
+    for family in ["istio_request_bytes", "istio_response_bytes"] {
+        let count = metric(
+            &b.agent,
+            &format!("{family}_count"),
+            &[("destination_version", "v2"), ("response_code", "200")],
+        );
+        assert_eq!(count, requests("v2"), "{family}");
+        let sum = metric(
+            &b.agent,
+            &format!("{family}_sum"),
+            &[("destination_version", "v2"), ("response_code", "200")],
+        );
+        // Each answer has at least its body, "reviews v2".
+        assert!(sum >= 10.0 * count, "{family}: {sum}");
+    }
+    // Valid, but for promtool's advice against Istio's own metric name.
+    let checked = common::promtool_check(&text);
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let istio_name = "istio_request_duration_milliseconds use base unit \"seconds\"";
+    assert!(
+        complaints
+            .lines()
+            .all(|line| line.trim().is_empty() || line.contains(istio_name)),
+        "{complaints}"
+    );
     // Consistent hashing on a header: each user stays on one version.
     b.sb.write_manifest(
         "destination-rule-all.yaml",

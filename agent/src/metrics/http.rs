@@ -1,6 +1,7 @@
-//! Istio's HTTP metrics: `istio_requests_total` and
-//! `istio_request_duration_milliseconds`, with the TCP metrics' label set
-//! plus `response_code`, and `request_protocol="http"`.
+//! Istio's HTTP metrics: `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes` and
+//! `istio_response_bytes`, with the TCP metrics' label set plus
+//! `response_code`, and `request_protocol="http"`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -40,26 +41,87 @@ impl HttpLabels {
     }
 }
 
-/// One series: a request count and a duration histogram.
-#[derive(Debug, Default)]
+/// Istio's buckets for request and response sizes, in bytes.
+pub const SIZE_BUCKETS: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+/// A histogram; `sum` is kept in thousandths of the unit.
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// Counts per bucket (not cumulative); the last is +Inf.
+    counts: Vec<AtomicU64>,
+    sum_milli: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_milli: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|&le| value <= le)
+            .unwrap_or(self.bounds.len());
+        self.counts[bucket].fetch_add(1, Relaxed);
+        self.sum_milli.fetch_add((value * 1000.0) as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        // `{a="b"}` → `{a="b",le="…"}`
+        let open = &labels[..labels.len() - 1];
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Relaxed);
+            let le = self
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |le| le.to_string());
+            let _ = writeln!(out, "{name}_bucket{open},le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_milli.load(Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{name}_sum{labels} {sum}");
+        let _ = writeln!(out, "{name}_count{labels} {cumulative}");
+    }
+}
+
+/// One series: a request count and histograms of durations and sizes.
+#[derive(Debug)]
 pub struct HttpSeries {
     pub requests: AtomicU64,
-    /// Counts per bucket (not cumulative); the last is +Inf.
-    buckets: [AtomicU64; DURATION_BUCKETS_MS.len() + 1],
-    sum_micros: AtomicU64,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Default for HttpSeries {
+    fn default() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            duration: Histogram::new(&DURATION_BUCKETS_MS),
+            request_bytes: Histogram::new(&SIZE_BUCKETS),
+            response_bytes: Histogram::new(&SIZE_BUCKETS),
+        }
+    }
 }
 
 impl HttpSeries {
-    pub fn record(&self, duration: Duration) {
+    /// Counts one request of `request_bytes` that got its response
+    /// headers after `duration`.
+    pub fn record(&self, duration: Duration, request_bytes: u64) {
         self.requests.fetch_add(1, Relaxed);
-        let millis = duration.as_secs_f64() * 1000.0;
-        let bucket = DURATION_BUCKETS_MS
-            .iter()
-            .position(|&le| millis <= le)
-            .unwrap_or(DURATION_BUCKETS_MS.len());
-        self.buckets[bucket].fetch_add(1, Relaxed);
-        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Relaxed);
+        self.duration.observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(request_bytes as f64);
+    }
+
+    /// Once the response has been sent, or given up on.
+    pub fn record_response(&self, bytes: u64) {
+        self.response_bytes.observe(bytes as f64);
     }
 }
 
@@ -69,16 +131,14 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
-    /// Counts one request that got its response after `duration`.
-    pub fn record(&self, labels: HttpLabels, duration: Duration) {
-        let series = self
-            .series
+    /// The series of `labels`, created on first use.
+    pub fn series(&self, labels: HttpLabels) -> Arc<HttpSeries> {
+        self.series
             .lock()
             .unwrap()
             .entry(labels)
             .or_default()
-            .clone();
-        series.record(duration);
+            .clone()
     }
 
     pub fn render(&self, out: &mut String) {
@@ -101,27 +161,29 @@ impl HttpMetrics {
                 s.requests.load(Relaxed)
             );
         }
-        let name = "istio_request_duration_milliseconds";
-        header(
-            out,
-            name,
-            "HTTP request durations, until the response headers.",
-            "histogram",
-        );
-        for (labels, s) in &series {
-            // `{a="b"}` → `{a="b",le="…"}`
-            let open = &labels[..labels.len() - 1];
-            let mut cumulative = 0;
-            for (i, bucket) in s.buckets.iter().enumerate() {
-                cumulative += bucket.load(Relaxed);
-                let le = DURATION_BUCKETS_MS
-                    .get(i)
-                    .map_or_else(|| "+Inf".to_owned(), |le| le.to_string());
-                let _ = writeln!(out, "{name}_bucket{open},le=\"{le}\"}} {cumulative}");
+        type Pick = fn(&HttpSeries) -> &Histogram;
+        let histograms: [(&str, &str, Pick); 3] = [
+            (
+                "istio_request_duration_milliseconds",
+                "HTTP request durations, until the response headers.",
+                |s| &s.duration,
+            ),
+            (
+                "istio_request_bytes",
+                "HTTP request sizes: headers, and a body of known length.",
+                |s| &s.request_bytes,
+            ),
+            (
+                "istio_response_bytes",
+                "HTTP response sizes: headers and body.",
+                |s| &s.response_bytes,
+            ),
+        ];
+        for (name, help, pick) in histograms {
+            header(out, name, help, "histogram");
+            for (labels, s) in &series {
+                pick(s).render(out, name, labels);
             }
-            let sum = s.sum_micros.load(Relaxed) as f64 / 1000.0;
-            let _ = writeln!(out, "{name}_sum{labels} {sum}");
-            let _ = writeln!(out, "{name}_count{labels} {cumulative}");
         }
     }
 }
@@ -144,8 +206,10 @@ mod tests {
             },
             response_code: 503,
         };
-        metrics.record(labels.clone(), Duration::from_millis(3));
-        metrics.record(labels, Duration::from_millis(700));
+        let series = metrics.series(labels.clone());
+        series.record(Duration::from_millis(3), 50);
+        series.record(Duration::from_millis(700), 5000);
+        series.record_response(20);
         let mut out = String::new();
         metrics.render(&mut out);
         let line = |prefix: &str| {
@@ -171,5 +235,19 @@ mod tests {
         assert_eq!(bucket("1000"), "2");
         assert_eq!(bucket("+Inf"), "2");
         assert!(out.contains("istio_request_duration_milliseconds_sum{"));
+        let size = |name: &str, le: &str| {
+            out.lines()
+                .find(|l| l.starts_with(name) && l.contains(&format!("le=\"{le}\"")))
+                .unwrap()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(size("istio_request_bytes_bucket", "100"), "1");
+        assert_eq!(size("istio_request_bytes_bucket", "10000"), "2");
+        assert_eq!(size("istio_response_bytes_bucket", "100"), "1");
+        assert!(out.contains("istio_request_bytes_sum{"));
+        assert!(out.contains("# TYPE istio_response_bytes histogram"));
     }
 }

@@ -146,6 +146,8 @@ impl Connection {
     async fn request(&self, request: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let cluster = self.ctx.cluster.borrow().clone();
+        let request_bytes =
+            head_size(request.headers()) + request.body().size_hint().exact().unwrap_or(0);
         let (response, flags, destination, service) = self.forward(&cluster, request).await;
         let base = labels(
             Reporter::Source,
@@ -159,8 +161,16 @@ impl Connection {
             base,
             response_code: response.status().as_u16(),
         };
-        self.ctx.metrics.http.record(labels, start.elapsed());
-        response
+        let series = self.ctx.metrics.http.series(labels);
+        series.record(start.elapsed(), request_bytes);
+        // The response's size is counted once its body has gone, or failed.
+        let (parts, body) = response.into_parts();
+        let body = Counted {
+            bytes: head_size(&parts.headers),
+            body,
+            series,
+        };
+        Response::from_parts(parts, body.boxed())
     }
 
     /// The response, its Envoy response flags, the endpoint's pod and the
@@ -426,6 +436,55 @@ impl Connection {
             destination.headers.response.apply(response.headers_mut());
         }
         (response, flags, endpoint, service_name)
+    }
+}
+
+/// The size of a message's headers as they go on the wire in HTTP/1.1
+/// (`name: value` and CRLF each), which Istio counts into message sizes.
+fn head_size(headers: &HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().len() + value.len() + 4) as u64)
+        .sum()
+}
+
+/// A response body that counts its bytes into the series' response size
+/// when it is done with.
+struct Counted {
+    body: Body,
+    bytes: u64,
+    series: Arc<crate::metrics::http::HttpSeries>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.series.record_response(self.bytes);
     }
 }
 
