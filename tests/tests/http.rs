@@ -1182,6 +1182,35 @@ fn redirect_rewrite_direct_response_and_headers() {
     let vip = sb.addressing().service_ip(70);
     sb.add_http_service("web", "default", vip, PORT, PORT, &[("app", "web")])
         .unwrap();
+    // Gets copies of the default route's requests.
+    let shadow = sb
+        .add_pod(PodSpec::new("shadow-v1", NodeId::Xuegod64).label("app", "shadow"))
+        .unwrap();
+    let copies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = copies.clone();
+    serve_http(
+        &shadow,
+        Arc::new(move |path, headers| {
+            let host = headers
+                .iter()
+                .find(|(n, _)| n == "host")
+                .map(|(_, v)| v.clone());
+            seen.lock()
+                .unwrap()
+                .push(format!("{path} {}", host.unwrap_or_default()));
+            (500, "ignored".into(), Duration::ZERO)
+        }),
+    );
+    let shadow_vip = sb.addressing().service_ip(71);
+    sb.add_http_service(
+        "shadow",
+        "default",
+        shadow_vip,
+        PORT,
+        PORT,
+        &[("app", "shadow")],
+    )
+    .unwrap();
     sb.write_manifest(
         "web.yaml",
         "
@@ -1204,6 +1233,8 @@ spec:
   - route:
     - destination: {host: web}
       headers: {request: {add: {x-dest: web}}}
+    mirror: {host: shadow}
+    mirrorPercentage: {value: 100.0}
 ",
     )
     .unwrap();
@@ -1234,11 +1265,17 @@ spec:
     );
     assert_eq!(api.header("x-served-by"), Some("weir-test"));
 
+    copies.lock().unwrap().clear();
     let other = web.get("/other", &[("x-secret", "kept")]);
     assert_eq!(
         other.body,
         "/other rewritten= secret=kept dest=web host=web:9080"
     );
+    // The copy went to the mirror, which the client never hears from.
+    wait_until("the mirror got its copy", || {
+        !copies.lock().unwrap().is_empty()
+    });
+    assert_eq!(*copies.lock().unwrap(), ["/other web-shadow:9080"]);
 }
 
 /// Istio's outlier detection shape: a pod that answers 500 is ejected

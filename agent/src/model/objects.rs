@@ -1211,10 +1211,6 @@ spec:
                     "not implemented in weir yet: these routes are ignored, the traffic is forwarded at L4"
                 ),
                 (
-                    "spec.http[0].mirror",
-                    "not implemented in weir yet: ignored"
-                ),
-                (
                     "spec.http[0].corsPolicy",
                     "not implemented in weir yet: ignored"
                 ),

@@ -59,12 +59,21 @@ pub struct HttpRoute {
     pub direct_response: Option<HttpDirectResponse>,
     pub delegate: Unimplemented,
     pub rewrite: Option<HttpRewrite>,
-    pub mirror: Unimplemented,
-    pub mirrors: Unimplemented,
-    pub mirror_percentage: Unimplemented,
-    pub mirror_percent: Unimplemented,
+    pub mirror: Option<Destination>,
+    #[serde(default)]
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer form of `mirrorPercentage`.
+    pub mirror_percent: Option<i32>,
     pub cors_policy: Unimplemented,
     pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<Percent>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

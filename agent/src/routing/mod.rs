@@ -67,6 +67,18 @@ pub struct HttpRule {
     pub direct_response: Option<DirectResponse>,
     pub rewrite: Option<Rewrite>,
     pub headers: Headers,
+    /// Copies of each request, sent without waiting for their answers.
+    pub mirrors: Vec<Mirror>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Mirror {
+    /// Fully qualified.
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    /// Of requests, 0 to 100.
+    pub percentage: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use super::istio;
 use super::{
     ConnectionPool, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay, HashKey,
-    HeaderOps, Headers, HttpRule, LoadBalancer, OutlierDetection, Pattern, Redirect, RequestMatch,
-    RetryOn, RetryPolicy, Rewrite, StringMatcher, Subset, VirtualService, WeightedDestination,
-    parse_duration,
+    HeaderOps, Headers, HttpRule, LoadBalancer, Mirror, OutlierDetection, Pattern, Redirect,
+    RequestMatch, RetryOn, RetryPolicy, Rewrite, StringMatcher, Subset, VirtualService,
+    WeightedDestination, parse_duration,
 };
 use crate::model::FieldError;
 
@@ -455,17 +455,40 @@ fn http_rule(
             "ignored"
         },
     );
-    checker.unimplemented(
-        path,
-        &[
-            ("mirror", &rule.mirror),
-            ("mirrors", &rule.mirrors),
-            ("mirrorPercentage", &rule.mirror_percentage),
-            ("mirrorPercent", &rule.mirror_percent),
-            ("corsPolicy", &rule.cors_policy),
-        ],
-        "ignored",
-    );
+    checker.unimplemented(path, &[("corsPolicy", &rule.cors_policy)], "ignored");
+    let mut mirrors = Vec::new();
+    if let Some(mirror) = &rule.mirror {
+        if !rule.mirrors.is_empty() {
+            checker.error(path, "only one of mirror and mirrors may be set");
+        }
+        let percentage = checker.percentage(
+            format!("{path}.mirrorPercentage.value"),
+            rule.mirror_percentage.as_ref(),
+            rule.mirror_percent,
+        );
+        mirrors.extend(mirror_of(
+            checker,
+            &format!("{path}.mirror"),
+            mirror,
+            percentage,
+            namespace,
+        ));
+    }
+    for (i, policy) in rule.mirrors.iter().enumerate() {
+        let field = format!("{path}.mirrors[{i}]");
+        let percentage = checker.percentage(
+            format!("{field}.percentage.value"),
+            policy.percentage.as_ref(),
+            None,
+        );
+        mirrors.extend(mirror_of(
+            checker,
+            &format!("{field}.destination"),
+            &policy.destination,
+            percentage,
+            namespace,
+        ));
+    }
     let actions = [
         !rule.route.is_empty(),
         rule.redirect.is_some(),
@@ -685,6 +708,42 @@ fn http_rule(
         direct_response,
         rewrite,
         headers,
+        mirrors,
+    })
+}
+
+fn mirror_of(
+    checker: &mut Checker,
+    path: &str,
+    destination: &istio::Destination,
+    percentage: f64,
+    namespace: &str,
+) -> Option<Mirror> {
+    if destination.host.is_empty() {
+        checker.error(format!("{path}.host"), "must not be empty");
+        return None;
+    }
+    let port = match &destination.port {
+        Some(port) => match u16::try_from(port.number) {
+            Ok(number) if number != 0 => Some(number),
+            _ => {
+                checker.error(
+                    format!("{path}.port.number"),
+                    format!("{} is not a port number (1-65535)", port.number),
+                );
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(Mirror {
+        host: qualify(&destination.host, namespace),
+        subset: destination
+            .subset
+            .clone()
+            .filter(|subset| !subset.is_empty()),
+        port,
+        percentage,
     })
 }
 

@@ -18,6 +18,7 @@
 mod balance;
 mod breaker;
 mod fault;
+mod mirror;
 mod outlier;
 mod pool;
 mod retry;
@@ -403,6 +404,28 @@ impl Connection {
             retries.attempts = 0;
             RequestBody::Streaming(Mutex::new(Some(body)))
         };
+        // Mirrors get a copy of a body that was read whole; a streamed one
+        // cannot be copied.
+        if let (Some(rule), RequestBody::Buffered(bytes)) = (rule, &body) {
+            for mirror in &rule.mirrors {
+                if random() * 100.0 < mirror.percentage {
+                    tokio::spawn(mirror::shadow(
+                        self.pod.clone(),
+                        self.ctx.clone(),
+                        mirror.clone(),
+                        mirror::Copy {
+                            method: parts.method.clone(),
+                            uri: parts.uri.clone(),
+                            version: parts.version,
+                            headers: parts.headers.clone(),
+                            authority: authority.clone(),
+                            body: bytes.clone(),
+                            port: self.port,
+                        },
+                    ));
+                }
+            }
+        }
         let tries = Tries {
             connection: self,
             authority: &authority,
@@ -437,6 +460,37 @@ impl Connection {
         }
         (response, flags, endpoint, service_name)
     }
+}
+
+/// The destination's own verdict on `source`, when the destination is an
+/// enrolled pod, as on the L4 path; its node's inbound check stays
+/// authoritative.
+fn endpoint_allowed(
+    ctx: &ProxyContext,
+    cluster: &Cluster,
+    source: Option<&Workload>,
+    addr: SocketAddr,
+    workload: Option<&WorkloadKey>,
+) -> bool {
+    let (Some(source), Some(destination)) =
+        (source, workload.and_then(|key| cluster.workload(key)))
+    else {
+        return true;
+    };
+    if !destination.enrolled {
+        return true;
+    }
+    let source_ip = source
+        .ips
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let verdict = ctx.authorizer.check(cluster, source_ip, destination, addr);
+    if !verdict.allowed {
+        ctx.authorizer
+            .record("outbound", &verdict, source_ip, destination, addr);
+    }
+    verdict.allowed
 }
 
 /// The size of a message's headers as they go on the wire in HTTP/1.1
@@ -700,29 +754,13 @@ impl Tries<'_> {
     /// The destination's own verdict, when it is an enrolled pod, as on the
     /// L4 path; its node's inbound check stays authoritative.
     fn allowed(&self, addr: SocketAddr, workload: Option<&WorkloadKey>) -> bool {
-        let (Some(source), Some(destination)) = (
+        endpoint_allowed(
+            &self.connection.ctx,
+            self.cluster,
             self.source,
-            workload.and_then(|key| self.cluster.workload(key)),
-        ) else {
-            return true;
-        };
-        if !destination.enrolled {
-            return true;
-        }
-        let source_ip = source
-            .ips
-            .first()
-            .copied()
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let ctx = &self.connection.ctx;
-        let verdict = ctx
-            .authorizer
-            .check(self.cluster, source_ip, destination, addr);
-        if !verdict.allowed {
-            ctx.authorizer
-                .record("outbound", &verdict, source_ip, destination, addr);
-        }
-        verdict.allowed
+            addr,
+            workload,
+        )
     }
 
     /// One try on a pooled connection, or a new one; a pooled connection
