@@ -455,6 +455,14 @@ pub fn carry_flow(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper accepts this program's skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let len = u64::from(ctx.len());
+    // A FIN without payload. Whichever psock backlog it went through (the
+    // peer's, redirected; this socket's own, passed behind queued skbs)
+    // would take its zero-byte send for a broken pipe and stop. TCP has
+    // already seen the FIN: user space reads the end of stream all the
+    // same, and there is no byte to lose.
+    if len == 0 {
+        return SK_DROP;
+    }
     let Some(stats) = FLOW_STATS.get_ptr_mut(cookie) else {
         return SK_PASS;
     };

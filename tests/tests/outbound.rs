@@ -505,3 +505,44 @@ fn metrics_pass_promtool_and_bytes_advance_while_connected() {
         Some(1.0)
     );
 }
+
+/// A one-way stream through the fast path, then a FIN on its own (no
+/// payload): the kernel must not hand that empty skb to the upstream socket
+/// (its psock would take the zero-byte send for a broken pipe and the
+/// connection would be reset). The server's answer must arrive, then a
+/// clean end of stream.
+#[test]
+fn fin_after_a_one_way_stream_is_not_a_broken_pipe() {
+    let m = mesh_with("fastpath-fin", &["--fast-path", "true"]);
+    const SIZE: u64 = 64 << 20;
+    let listener = m.neighbour.listen(7200).unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(e) => return Err(e),
+            }
+        }
+        stream.write_all(&total.to_le_bytes())?;
+        Ok(total)
+    });
+    let mut stream = m.client.connect(m.neighbour.addr(7200)).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let chunk = vec![7u8; 128 << 10];
+    for _ in 0..SIZE / chunk.len() as u64 {
+        stream.write_all(&chunk).unwrap();
+    }
+    // Let the last bytes leave, so that the FIN goes out alone.
+    thread::sleep(Duration::from_millis(100));
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    assert_eq!(server.join().unwrap().unwrap(), SIZE);
+    assert_eq!(answer, SIZE.to_le_bytes());
+    assert!(metric(&m.agent, "weir_kernel_carried_bytes_total", &[]) > 0.0);
+}
