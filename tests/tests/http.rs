@@ -141,7 +141,16 @@ impl Client {
     }
 
     fn try_get(&mut self, path: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
-        let mut request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
+        self.request("GET", path, headers)
+    }
+
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<Response> {
+        let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
         for (name, value) in headers {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -1224,6 +1233,15 @@ spec:
     redirect: {uri: /new, authority: web.example}
   - match: [{uri: {exact: /teapot}}]
     directResponse: {status: 418, body: {string: short and stout}}
+  - match: [{uri: {prefix: /cors/}}]
+    corsPolicy:
+      allowOrigins: [{exact: 'https://example.com'}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-custom]
+      exposeHeaders: [x-served]
+      maxAge: 24h
+      allowCredentials: true
+    route: [{destination: {host: web}}]
   - match: [{uri: {prefix: /api/v1/}}]
     rewrite: {uri: /v2/, authority: web.internal}
     headers:
@@ -1264,6 +1282,54 @@ spec:
         "/v2/items?x=1 rewritten=yes secret= dest= host=web.internal"
     );
     assert_eq!(api.header("x-served-by"), Some("weir-test"));
+
+    // CORS: a preflight from an allowed origin is answered by the proxy.
+    let origin = ("origin", "https://example.com");
+    let preflight = web
+        .request(
+            "OPTIONS",
+            "/cors/x",
+            &[origin, ("access-control-request-method", "POST")],
+        )
+        .unwrap();
+    assert_eq!((preflight.status, preflight.body.as_str()), (200, ""));
+    assert_eq!(preflight.header("server"), Some("weir"));
+    for (name, value) in [
+        ("access-control-allow-origin", "https://example.com"),
+        ("access-control-allow-methods", "GET,POST"),
+        ("access-control-allow-headers", "x-custom"),
+        ("access-control-max-age", "86400"),
+        ("access-control-allow-credentials", "true"),
+    ] {
+        assert_eq!(preflight.header(name), Some(value), "{name}");
+    }
+    let actual = web.get("/cors/x", &[origin]);
+    assert!(actual.body.starts_with("/cors/x "), "{}", actual.body);
+    assert_eq!(
+        actual.header("access-control-allow-origin"),
+        Some("https://example.com")
+    );
+    assert_eq!(
+        actual.header("access-control-expose-headers"),
+        Some("x-served")
+    );
+    // Another origin's preflight goes to the app, which answers it.
+    let other_origin = web
+        .request(
+            "OPTIONS",
+            "/cors/x",
+            &[
+                ("origin", "https://evil.example"),
+                ("access-control-request-method", "POST"),
+            ],
+        )
+        .unwrap();
+    assert!(
+        other_origin.body.starts_with("/cors/x "),
+        "{}",
+        other_origin.body
+    );
+    assert_eq!(other_origin.header("access-control-allow-origin"), None);
 
     copies.lock().unwrap().clear();
     let other = web.get("/other", &[("x-secret", "kept")]);

@@ -1193,9 +1193,18 @@ spec:
     #[test]
     fn unimplemented_routing_fields_are_warnings() {
         let text = ROUTES
-            .replace("    timeout: 10s\n", "    timeout: 10s\n    corsPolicy: {allowOrigins: [{exact: a}]}\n    mirror: {host: shadow}\n")
-            .replace("simple: RANDOM}", "simple: RANDOM}, portLevelSettings: [{port: {number: 80}}]")
-            .replace("spec:\n  hosts: [reviews]\n", "spec:\n  hosts: [reviews]\n  tcp: [{route: [{destination: {host: reviews}}]}]\n");
+            .replace(
+                "    timeout: 10s\n",
+                "    timeout: 10s\n    delegate: {name: reviews-v2}\n    mirror: {host: shadow}\n",
+            )
+            .replace(
+                "simple: RANDOM}",
+                "simple: RANDOM}, portLevelSettings: [{port: {number: 80}}]",
+            )
+            .replace(
+                "spec:\n  hosts: [reviews]\n",
+                "spec:\n  hosts: [reviews]\n  tcp: [{route: [{destination: {host: reviews}}]}]\n",
+            );
         let parsed = parse(&text).unwrap();
         assert_eq!(parsed.objects.len(), 2, "the objects are used");
         let warnings: Vec<(&str, &str)> = parsed
@@ -1211,7 +1220,7 @@ spec:
                     "not implemented in weir yet: these routes are ignored, the traffic is forwarded at L4"
                 ),
                 (
-                    "spec.http[0].corsPolicy",
+                    "spec.http[0].delegate",
                     "not implemented in weir yet: ignored"
                 ),
                 (

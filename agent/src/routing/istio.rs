@@ -65,8 +65,27 @@ pub struct HttpRoute {
     pub mirror_percentage: Option<Percent>,
     /// Deprecated integer form of `mirrorPercentage`.
     pub mirror_percent: Option<i32>,
-    pub cors_policy: Unimplemented,
+    pub cors_policy: Option<CorsPolicy>,
     pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CorsPolicy {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    /// Deprecated exact form of `allowOrigins`.
+    #[serde(default)]
+    pub allow_origin: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<String>,
+    pub allow_credentials: Option<bool>,
+    pub unmatched_preflights: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

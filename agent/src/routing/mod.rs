@@ -69,6 +69,22 @@ pub struct HttpRule {
     pub headers: Headers,
     /// Copies of each request, sent without waiting for their answers.
     pub mirrors: Vec<Mirror>,
+    pub cors: Option<Cors>,
+}
+
+/// `corsPolicy`, with Envoy's CORS filter's meaning.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Cors {
+    pub allow_origins: Vec<StringMatcher>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    #[serde(serialize_with = "millis")]
+    pub max_age: Option<Duration>,
+    pub allow_credentials: bool,
+    /// `unmatchedPreflights: FORWARD` (the default): a preflight from an
+    /// origin not allowed goes to the upstream; else it is answered.
+    pub forward_unmatched_preflights: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::istio;
 use super::{
-    ConnectionPool, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay, HashKey,
+    ConnectionPool, Cors, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay, HashKey,
     HeaderOps, Headers, HttpRule, LoadBalancer, Mirror, OutlierDetection, Pattern, Redirect,
     RequestMatch, RetryOn, RetryPolicy, Rewrite, StringMatcher, Subset, VirtualService,
     WeightedDestination, parse_duration,
@@ -455,7 +455,39 @@ fn http_rule(
             "ignored"
         },
     );
-    checker.unimplemented(path, &[("corsPolicy", &rule.cors_policy)], "ignored");
+    let cors = rule.cors_policy.as_ref().map(|cors| {
+        let path = format!("{path}.corsPolicy");
+        let mut allow_origins: Vec<StringMatcher> = cors
+            .allow_origins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| checker.string_match(format!("{path}.allowOrigins[{i}]"), m))
+            .collect();
+        allow_origins.extend(cors.allow_origin.iter().cloned().map(StringMatcher::Exact));
+        let forward_unmatched_preflights = match cors.unmatched_preflights.as_deref() {
+            None | Some("UNSPECIFIED" | "FORWARD") => true,
+            Some("IGNORE") => false,
+            Some(other) => {
+                checker.error(
+                    format!("{path}.unmatchedPreflights"),
+                    format!("{other:?} is not FORWARD or IGNORE"),
+                );
+                true
+            }
+        };
+        Cors {
+            allow_origins,
+            allow_methods: cors.allow_methods.clone(),
+            allow_headers: cors.allow_headers.clone(),
+            expose_headers: cors.expose_headers.clone(),
+            max_age: cors
+                .max_age
+                .as_ref()
+                .and_then(|text| checker.duration(format!("{path}.maxAge"), text)),
+            allow_credentials: cors.allow_credentials == Some(true),
+            forward_unmatched_preflights,
+        }
+    });
     let mut mirrors = Vec::new();
     if let Some(mirror) = &rule.mirror {
         if !rule.mirrors.is_empty() {
@@ -709,6 +741,7 @@ fn http_rule(
         rewrite,
         headers,
         mirrors,
+        cors,
     })
 }
 

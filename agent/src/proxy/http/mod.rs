@@ -17,6 +17,7 @@
 
 mod balance;
 mod breaker;
+mod cors;
 mod fault;
 mod mirror;
 mod outlier;
@@ -230,6 +231,14 @@ impl Connection {
             None => (None, None),
         };
         let mut authority = authority;
+        let cors = rule.and_then(|rule| rule.cors.as_ref());
+        if let Some(cors) = cors
+            && let Some(response) = cors::preflight(cors, &parts.method, &parts.headers)
+        {
+            return (response, "-", None, target_service);
+        }
+        let cors_origin =
+            cors.and_then(|cors| Some((cors, cors::allowed_origin(cors, &parts.headers)?)));
         if let Some(rule) = rule {
             if let Some(direct) = &rule.direct_response {
                 let mut response = made_up(&MadeUp {
@@ -457,6 +466,9 @@ impl Connection {
         }
         if let Some(destination) = destination {
             destination.headers.response.apply(response.headers_mut());
+        }
+        if let Some((cors, origin)) = cors_origin {
+            cors::decorate(cors, origin, response.headers_mut());
         }
         (response, flags, endpoint, service_name)
     }
