@@ -1155,6 +1155,10 @@ spec:
 /// VirtualService.
 #[test]
 fn redirect_rewrite_direct_response_and_headers() {
+    // The access log, on at debug level for its target, as JSON.
+    // SAFETY: nextest runs each test in a process of its own, and nothing
+    // else in it reads the environment yet; the agent inherits it.
+    unsafe { std::env::set_var("RUST_LOG", "info,access=debug") };
     let mut sb = Sandbox::new(SandboxOptions::for_test("http-rewrite")).unwrap();
     let client = sb
         .add_pod(
@@ -1256,7 +1260,9 @@ spec:
 ",
     )
     .unwrap();
-    let agent = sb.start_agent(NodeId::Xuegod63, &[]).unwrap();
+    let agent = sb
+        .start_agent(NodeId::Xuegod63, &["--log-format", "json"])
+        .unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     let addr = SocketAddr::from((vip, PORT));
     wait_until("the rules apply", || {
@@ -1342,6 +1348,26 @@ spec:
         !copies.lock().unwrap().is_empty()
     });
     assert_eq!(*copies.lock().unwrap(), ["/other web-shadow:9080"]);
+
+    // One JSON line per request in the agent's log.
+    let teapot_line = |log: &str| {
+        log.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["target"] == "access" && line["fields"]["path"] == "/teapot")
+    };
+    wait_until("the access log has the teapot", || {
+        agent.log().is_ok_and(|log| teapot_line(&log).is_some())
+    });
+    let line = teapot_line(&agent.log().unwrap()).unwrap();
+    let fields = &line["fields"];
+    assert_eq!(fields["method"], "GET", "{line}");
+    assert_eq!(fields["response_code"], 418);
+    assert_eq!(fields["response_flags"], "-");
+    assert_eq!(fields["protocol"], "HTTP/1.1");
+    assert_eq!(fields["source"], "default/client");
+    assert_eq!(fields["authority"], "web:9080");
+    assert_eq!(fields["request_id"].as_str().unwrap().len(), 36);
+    assert!(fields["bytes_sent"].as_u64().unwrap() >= "short and stout".len() as u64);
 }
 
 /// Istio's outlier detection shape: a pod that answers 500 is ejected

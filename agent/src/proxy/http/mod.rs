@@ -145,11 +145,45 @@ const BAD_REQUEST: MadeUp = MadeUp {
 };
 
 impl Connection {
-    async fn request(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn request(&self, mut request: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let cluster = self.ctx.cluster.borrow().clone();
+        let request_id = HeaderName::from_static("x-request-id");
+        if !request.headers().contains_key(&request_id) {
+            request
+                .headers_mut()
+                .insert(request_id.clone(), new_request_id());
+        }
         let request_bytes =
             head_size(request.headers()) + request.body().size_hint().exact().unwrap_or(0);
+        // Read only when the access log is on.
+        let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG).then(|| {
+            let header = |name: &str| {
+                request
+                    .headers()
+                    .get(name)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            AccessEntry {
+                method: request.method().to_string(),
+                path: request
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), ToString::to_string),
+                protocol: format!("{:?}", request.version()),
+                authority: request
+                    .uri()
+                    .authority()
+                    .map_or_else(|| header("host"), ToString::to_string),
+                user_agent: header("user-agent"),
+                request_id: header("x-request-id"),
+                bytes_received: request_bytes,
+                start,
+                ..AccessEntry::default()
+            }
+        });
         let (response, flags, destination, service) = self.forward(&cluster, request).await;
         let base = labels(
             Reporter::Source,
@@ -163,6 +197,14 @@ impl Connection {
             base,
             response_code: response.status().as_u16(),
         };
+        let access = access.map(|entry| AccessEntry {
+            response_code: labels.response_code,
+            response_flags: flags,
+            source: self.pod.key.to_string(),
+            destination_service: labels.base.destination_service[0].clone(),
+            destination_workload: labels.base.destination.workload.clone(),
+            ..entry
+        });
         let series = self.ctx.metrics.http.series(labels);
         series.record(start.elapsed(), request_bytes);
         // The response's size is counted once its body has gone, or failed.
@@ -171,6 +213,7 @@ impl Connection {
             bytes: head_size(&parts.headers),
             body,
             series,
+            access,
         };
         Response::from_parts(parts, body.boxed())
     }
@@ -520,6 +563,8 @@ struct Counted {
     body: Body,
     bytes: u64,
     series: Arc<crate::metrics::http::HttpSeries>,
+    /// The access log's line, when it is on.
+    access: Option<AccessEntry>,
 }
 
 impl hyper::body::Body for Counted {
@@ -551,6 +596,70 @@ impl hyper::body::Body for Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.series.record_response(self.bytes);
+        if let Some(entry) = &self.access {
+            tracing::debug!(
+                target: ACCESS_LOG,
+                method = %entry.method,
+                path = %entry.path,
+                protocol = %entry.protocol,
+                response_code = entry.response_code,
+                response_flags = entry.response_flags,
+                bytes_received = entry.bytes_received,
+                bytes_sent = self.bytes,
+                duration_ms = entry.start.elapsed().as_millis() as u64,
+                authority = %entry.authority,
+                user_agent = %entry.user_agent,
+                request_id = %entry.request_id,
+                source = %entry.source,
+                destination_service = %entry.destination_service,
+                destination_workload = %entry.destination_workload,
+                "access"
+            );
+        }
+    }
+}
+
+/// The tracing target of the access log: one line per request, at debug
+/// level, so `RUST_LOG=info,access=debug` turns it on; JSON with
+/// `--log-format json`.
+pub const ACCESS_LOG: &str = "access";
+
+/// What the access log says of a request, in the spirit of Envoy's
+/// default format.
+#[derive(Debug)]
+struct AccessEntry {
+    method: String,
+    path: String,
+    protocol: String,
+    authority: String,
+    user_agent: String,
+    request_id: String,
+    bytes_received: u64,
+    response_code: u16,
+    response_flags: &'static str,
+    source: String,
+    destination_service: String,
+    destination_workload: String,
+    start: Instant,
+}
+
+impl Default for AccessEntry {
+    fn default() -> Self {
+        Self {
+            method: String::new(),
+            path: String::new(),
+            protocol: String::new(),
+            authority: String::new(),
+            user_agent: String::new(),
+            request_id: String::new(),
+            bytes_received: 0,
+            response_code: 0,
+            response_flags: "-",
+            source: String::new(),
+            destination_service: String::new(),
+            destination_workload: String::new(),
+            start: Instant::now(),
+        }
     }
 }
 
