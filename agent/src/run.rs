@@ -229,6 +229,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // that the next agent takes over the same programs and links.
     agent.ready.store(false, Relaxed);
     enrollment.stop_listening();
+    crate::proxy::drain_http();
     let live = ctx.connections.live();
     info!(live, drain = ?config.drain, "draining");
     if tokio::time::timeout(config.drain, ctx.connections.idle())

@@ -1442,3 +1442,46 @@ spec:
     assert_eq!(hits.load(SeqCst), 1, "the ejected pod got no more requests");
     assert_eq!(statuses.iter().filter(|&&status| status == 200).count(), 39);
 }
+
+/// A draining agent closes idle keep-alive connections rather than wait
+/// for them until its drain time is up.
+#[test]
+fn drain_closes_idle_keep_alive_connections() {
+    let mut sb = Sandbox::new(SandboxOptions::for_test("http-drain")).unwrap();
+    let client = sb
+        .add_pod(
+            PodSpec::new("client", NodeId::Xuegod63)
+                .label("weir.dev/mesh", "enabled")
+                .label("app", "client"),
+        )
+        .unwrap();
+    let web = sb
+        .add_pod(PodSpec::new("web-v1", NodeId::Xuegod64).label("app", "web"))
+        .unwrap();
+    serve_http(&web, app("web", "v1"));
+    let vip = sb.addressing().service_ip(90);
+    sb.add_http_service("web", "default", vip, PORT, PORT, &[("app", "web")])
+        .unwrap();
+    // A drain time far longer than the test waits.
+    let agent = sb
+        .start_agent(NodeId::Xuegod63, &["--drain-seconds", "60"])
+        .unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let addr = SocketAddr::from((vip, PORT));
+    let mut idle = Client::connect(&client, addr, "web");
+    assert_eq!(idle.get("/", &[]).body, "web v1");
+
+    let started = Instant::now();
+    agent.sigterm().unwrap();
+    let status = agent.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The proxy closed the idle connection.
+    let mut rest = Vec::new();
+    let read = idle.reader.read_to_end(&mut rest);
+    assert!(read.is_ok_and(|n| n == 0) || rest.is_empty(), "{rest:?}");
+}

@@ -29,7 +29,7 @@ use std::cell::Cell;
 use std::convert::Infallible;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -85,12 +85,42 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(connection.request(request).await) }
         })
     };
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(client), service)
-        .await;
-    if let Err(error) = served {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let served = builder.serve_connection(TokioIo::new(client), service);
+    tokio::pin!(served);
+    let mut draining = DRAINING.subscribe();
+    let drained = async move {
+        loop {
+            if *draining.borrow_and_update() {
+                return;
+            }
+            if draining.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = served.as_mut() => result,
+        () = drained => {
+            // Finish the request in flight, if any, then close; an idle
+            // keep-alive connection closes at once.
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(error) = result {
         debug!(pod = %connection.pod.key, %error, "HTTP connection ended");
     }
+}
+
+/// Set once the agent drains.
+static DRAINING: LazyLock<tokio::sync::watch::Sender<bool>> =
+    LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Tells every HTTP connection to finish its request in flight and close,
+/// so that idle keep-alive connections do not hold a draining agent up.
+pub fn drain() {
+    DRAINING.send_replace(true);
 }
 
 struct Connection {
