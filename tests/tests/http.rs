@@ -910,6 +910,7 @@ spec:
             ("destination_service_name", "greeter"),
             ("destination_version", "v1"),
             ("response_code", "200"),
+            ("request_protocol", "grpc"),
         ],
     );
     assert_eq!(requests, 3.0, "{}", agent.metrics().unwrap());

@@ -22,6 +22,9 @@ pub struct HttpLabels {
     /// Everything but the protocol and the response code, as for TCP.
     pub base: TcpLabels,
     pub response_code: u16,
+    /// A gRPC request (`content-type: application/grpc…`): Istio says
+    /// `request_protocol="grpc"`.
+    pub grpc: bool,
 }
 
 impl HttpLabels {
@@ -32,7 +35,7 @@ impl HttpLabels {
             .pairs()
             .into_iter()
             .map(|(name, value)| match name {
-                "request_protocol" => (name, "http"),
+                "request_protocol" => (name, if self.grpc { "grpc" } else { "http" }),
                 _ => (name, value),
             })
             .collect();
@@ -205,6 +208,7 @@ mod tests {
                 response_flags: "-",
             },
             response_code: 503,
+            grpc: false,
         };
         let series = metrics.series(labels.clone());
         series.record(Duration::from_millis(3), 50);

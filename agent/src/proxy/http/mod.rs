@@ -186,6 +186,11 @@ impl Connection {
         }
         let request_bytes =
             head_size(request.headers()) + request.body().size_hint().exact().unwrap_or(0);
+        let grpc = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("application/grpc"));
         // Read only when the access log is on.
         let access = tracing::enabled!(target: ACCESS_LOG, tracing::Level::DEBUG).then(|| {
             let header = |name: &str| {
@@ -226,6 +231,7 @@ impl Connection {
         let labels = HttpLabels {
             base,
             response_code: response.status().as_u16(),
+            grpc,
         };
         let access = access.map(|entry| AccessEntry {
             response_code: labels.response_code,
