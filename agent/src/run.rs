@@ -1,5 +1,6 @@
 //! `weir run`: the agent's life from attach to drain.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -24,7 +25,9 @@ use crate::enrollment::{EnrolledPod, Enrollment, PodMaps};
 use crate::inpod::{self, NetnsFinder};
 use crate::metrics::{DatapathStats, Metrics};
 use crate::model::{self, BuildOptions, Cluster, ModelWatch};
-use crate::proxy::{Authorizer, Balancer, Connections, FastPath, ProxyContext};
+use crate::proxy::{
+    Authorizer, Balancer, Connections, FastPath, ProxyContext, forget_http_state_of_others,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailMode {
@@ -205,6 +208,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let waiting = enrollment.reconcile(&cluster).await;
         cni.settle(&cluster, &enrollment);
         ctx.metrics.retain_known(&cluster);
+        let enrolled: HashSet<u64> = agent
+            .enrolled
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|pod| pod.netns_cookie)
+            .collect();
+        forget_http_state_of_others(&enrolled);
         if !agent.ready.swap(true, Relaxed) {
             info!(
                 enrolled = agent.enrolled.lock().unwrap().len(),

@@ -30,7 +30,7 @@ pub use authorize::Authorizer;
 pub use destination::Balancer;
 use destination::ServiceName;
 pub use fast_path::FastPath;
-pub use http::drain as drain_http;
+pub use http::{drain as drain_http, forget_other_pods as forget_http_state_of_others};
 
 /// Istio's default connect timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

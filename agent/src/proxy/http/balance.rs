@@ -2,7 +2,7 @@
 //! over the ready endpoints of the chosen subset. State (round-robin turns,
 //! requests in flight) is kept per source pod, as a sidecar keeps it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -17,6 +17,15 @@ type Shared<K, V> = LazyLock<Mutex<HashMap<K, V>>>;
 static ACTIVE: Shared<(u64, SocketAddr), Arc<AtomicUsize>> = LazyLock::new(Mutex::default);
 /// (netns cookie, host, subset) → next round-robin turn.
 static TURNS: Shared<(u64, String, String), usize> = LazyLock::new(Mutex::default);
+
+/// Forgets the balancing state of pods not in `pods` (netns cookies).
+pub fn forget_other_pods(pods: &HashSet<u64>) {
+    ACTIVE
+        .lock()
+        .unwrap()
+        .retain(|key, _| pods.contains(&key.0));
+    TURNS.lock().unwrap().retain(|key, _| pods.contains(&key.0));
+}
 
 /// Counts a request in flight to an endpoint while it lives.
 pub struct InFlight(Arc<AtomicUsize>);

@@ -6,7 +6,7 @@
 //! State is kept per source pod and destination (host, subset, port), as a
 //! sidecar keeps it per client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -31,6 +31,14 @@ pub struct Breaker {
     requests: Option<Arc<Semaphore>>,
     waiting: Arc<AtomicUsize>,
     retries: Arc<AtomicUsize>,
+}
+
+/// Forgets the breakers of pods not in `pods` (netns cookies).
+pub fn forget_other_pods(pods: &HashSet<u64>) {
+    BREAKERS
+        .lock()
+        .unwrap()
+        .retain(|key, _| pods.contains(&key.0));
 }
 
 /// The breaker of this pod's requests to one destination; a change of the

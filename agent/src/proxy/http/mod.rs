@@ -26,6 +26,7 @@ mod retry;
 mod route;
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -116,6 +117,16 @@ pub async fn serve(
 /// Set once the agent drains.
 static DRAINING: LazyLock<tokio::sync::watch::Sender<bool>> =
     LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Forgets the pools, balancers, breakers and outlier detectors of pods
+/// that are no longer enrolled (`enrolled`: netns cookies), so that their
+/// state does not outlive them.
+pub fn forget_other_pods(enrolled: &HashSet<u64>) {
+    pool::forget_other_pods(enrolled);
+    balance::forget_other_pods(enrolled);
+    breaker::forget_other_pods(enrolled);
+    outlier::forget_other_pods(enrolled);
+}
 
 /// Tells every HTTP connection to finish its request in flight and close,
 /// so that idle keep-alive connections do not hold a draining agent up.

@@ -5,7 +5,7 @@
 //! times the number of its ejections, unless `maxEjectionPercent` of the
 //! endpoints are out already. State is per source pod and destination.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
@@ -29,6 +29,14 @@ struct Health {
     consecutive_gateway: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
+}
+
+/// Forgets the detectors of pods not in `pods` (netns cookies).
+pub fn forget_other_pods(pods: &HashSet<u64>) {
+    DETECTORS
+        .lock()
+        .unwrap()
+        .retain(|key, _| pods.contains(&key.0));
 }
 
 /// The detector of this pod's requests to one destination.
@@ -129,6 +137,38 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_gone_pod_loses_its_detectors_and_others_keep_theirs() {
+        let kept = detector(
+            7,
+            "reviews.default.svc.cluster.local",
+            "v1",
+            9080,
+            &config(),
+        );
+        detector(
+            8,
+            "reviews.default.svc.cluster.local",
+            "v1",
+            9080,
+            &config(),
+        );
+        forget_other_pods(&HashSet::from([7]));
+        let cookies: Vec<u64> = DETECTORS.lock().unwrap().keys().map(|key| key.0).collect();
+        assert_eq!(cookies, [7]);
+        let again = detector(
+            7,
+            "reviews.default.svc.cluster.local",
+            "v1",
+            9080,
+            &config(),
+        );
+        assert!(
+            Arc::ptr_eq(&kept, &again),
+            "the remaining pod's state was reset"
+        );
+    }
 
     fn config() -> OutlierDetection {
         OutlierDetection {

@@ -4,7 +4,7 @@
 //! pod's network namespace and the endpoint, so a connection, which carries
 //! its pod's source address and identity, is never shared between pods.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{LazyLock, Mutex};
@@ -69,6 +69,12 @@ type Key = (u64, SocketAddr, bool);
 static IDLE: LazyLock<Mutex<HashMap<Key, Vec<Sender>>>> = LazyLock::new(Mutex::default);
 /// Open connections, idle or not.
 static LIVE: LazyLock<Mutex<HashMap<Key, usize>>> = LazyLock::new(Mutex::default);
+
+/// Drops the idle connections of pods not in `pods` (netns cookies). Open
+/// counts go as their connections close.
+pub fn forget_other_pods(pods: &HashSet<u64>) {
+    IDLE.lock().unwrap().retain(|key, _| pods.contains(&key.0));
+}
 
 /// How many connections of this pod to `addr` are open.
 pub fn live(cookie: u64, addr: SocketAddr, http2: bool) -> usize {
