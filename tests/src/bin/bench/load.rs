@@ -165,10 +165,42 @@ pub async fn request_response(
     meters: &Meters,
     expect: Expect,
 ) -> Result<Measured> {
+    let streams = connect_all(server, connections, expect).await?;
+    closed_loop(
+        streams,
+        window,
+        meters,
+        "a request/response worker",
+        rr_worker,
+    )
+    .await
+}
+
+async fn connect_all(
+    server: SocketAddr,
+    connections: usize,
+    expect: Expect,
+) -> Result<Vec<TcpStream>> {
     let mut streams = Vec::with_capacity(connections);
     for _ in 0..connections {
         streams.push(connect(server, expect).await?);
     }
+    Ok(streams)
+}
+
+/// Runs `worker` on each stream from the end of the warm-up to the end of
+/// the window, and gathers what they measured.
+async fn closed_loop<W, F>(
+    streams: Vec<TcpStream>,
+    window: Window,
+    meters: &Meters,
+    what: &str,
+    worker: W,
+) -> Result<Measured>
+where
+    W: Fn(TcpStream, Instant, Instant) -> F,
+    F: Future<Output = Result<(Histogram<u64>, u64)>> + Send + 'static,
+{
     let from = Instant::now() + window.warmup;
     let until = from + window.measure;
     let workers: Vec<_> = streams
@@ -176,12 +208,12 @@ pub async fn request_response(
         .map(|stream| {
             tokio::spawn(timeout(
                 window.warmup + window.measure + IO_TIMEOUT,
-                rr_worker(stream, from, until),
+                worker(stream, from, until),
             ))
         })
         .collect();
     let usage = meter_window(meters, from, until).await?;
-    gather(workers, window, usage, "a request/response worker").await
+    gather(workers, window, usage, what).await
 }
 
 async fn rr_worker(
@@ -219,28 +251,20 @@ pub async fn http_request_response(
     meters: &Meters,
     expect: Expect,
 ) -> Result<Measured> {
-    let mut streams = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        streams.push(connect(server, expect).await?);
-    }
-    let from = Instant::now() + window.warmup;
-    let until = from + window.measure;
-    let workers: Vec<_> = streams
-        .into_iter()
-        .map(|stream| {
-            tokio::spawn(timeout(
-                window.warmup + window.measure + IO_TIMEOUT,
-                http_worker(stream, host, from, until),
-            ))
-        })
-        .collect();
-    let usage = meter_window(meters, from, until).await?;
-    gather(workers, window, usage, "an HTTP worker").await
+    let streams = connect_all(server, connections, expect).await?;
+    closed_loop(
+        streams,
+        window,
+        meters,
+        "an HTTP worker",
+        |stream, from, until| http_worker(stream, host, from, until),
+    )
+    .await
 }
 
 async fn http_worker(
     mut stream: TcpStream,
-    host: &str,
+    host: &'static str,
     from: Instant,
     until: Instant,
 ) -> Result<(Histogram<u64>, u64)> {
