@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{IO_TIMEOUT, accept_loop, echo, metric, redirected, serve_echo, wait_until};
+use common::{IO_TIMEOUT, accept_loop, echo, meshed, metric, redirected, serve_echo, wait_until};
 use weir_sandbox::{Agent, NodeId, Pod, PodSpec, Sandbox, SandboxOptions};
 
 const PORT: u16 = 9080;
@@ -26,6 +26,14 @@ type Handler = Arc<dyn Fn(&str, &Headers) -> (u16, String, Duration) + Send + Sy
 
 /// Serves HTTP/1.1 with keep-alive on `PORT` in `pod`; `handle` gets the
 /// request's path.
+/// A pod of `app` at `version`, labelled as Bookinfo's Deployments label
+/// theirs.
+fn versioned(name: &str, app: &str, version: &str, node: NodeId) -> PodSpec {
+    PodSpec::new(name, node)
+        .label("app", app)
+        .label("version", version)
+}
+
 fn serve_http(pod: &Pod, handle: Handler) {
     accept_loop(pod.listen(PORT).unwrap(), move |stream, _| {
         let mut reader = BufReader::new(stream.try_clone()?);
@@ -224,11 +232,12 @@ fn bookinfo(test: &str) -> Bookinfo {
         ("v3", NodeId::Xuegod64),
     ] {
         let pod = sb
-            .add_pod(
-                PodSpec::new(&format!("reviews-{version}"), node)
-                    .label("app", "reviews")
-                    .label("version", version),
-            )
+            .add_pod(versioned(
+                &format!("reviews-{version}"),
+                "reviews",
+                version,
+                node,
+            ))
             .unwrap();
         serve_http(&pod, app("reviews", version));
     }
@@ -496,11 +505,12 @@ spec:
 /// A service of one app, behind an HTTP service, in the bookinfo sandbox.
 fn add_app(b: &mut Bookinfo, name: &str, ip: u16, handler: Handler) -> SocketAddr {
     let pod =
-        b.sb.add_pod(
-            PodSpec::new(&format!("{name}-v1"), NodeId::Xuegod64)
-                .label("app", name)
-                .label("version", "v1"),
-        )
+        b.sb.add_pod(versioned(
+            &format!("{name}-v1"),
+            name,
+            "v1",
+            NodeId::Xuegod64,
+        ))
         .unwrap();
     serve_http(&pod, handler);
     let vip = b.sb.addressing().service_ip(ip);
@@ -708,13 +718,7 @@ spec:
 #[test]
 fn tcp_service_stays_l4_and_http_rules_for_it_are_reported() {
     let mut sb = Sandbox::new(SandboxOptions::for_test("http-tcp")).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let server = sb
         .add_pod(PodSpec::new("echo", NodeId::Xuegod64).label("app", "echo"))
         .unwrap();
@@ -819,19 +823,9 @@ fn h2c_and_grpc_pass_through_with_trailers() {
     use http_body_util::{BodyExt, Full};
 
     let mut sb = Sandbox::new(SandboxOptions::for_test("http-h2c")).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let server = sb
-        .add_pod(
-            PodSpec::new("greeter-v1", NodeId::Xuegod64)
-                .label("app", "greeter")
-                .label("version", "v1"),
-        )
+        .add_pod(versioned("greeter-v1", "greeter", "v1", NodeId::Xuegod64))
         .unwrap();
     serve_h2c(&server);
     let vip = sb.addressing().service_ip(40);
@@ -931,11 +925,7 @@ fn bookinfo_timeout_with_a_delay_on_ratings() {
     let productpage = sb.add_pod(meshed("productpage-v1", "productpage")).unwrap();
     let reviews = sb.add_pod(meshed("reviews-v2", "reviews")).unwrap();
     let ratings = sb
-        .add_pod(
-            PodSpec::new("ratings-v1", NodeId::Xuegod64)
-                .label("app", "ratings")
-                .label("version", "v1"),
-        )
+        .add_pod(versioned("ratings-v1", "ratings", "v1", NodeId::Xuegod64))
         .unwrap();
     serve_http(&ratings, app("ratings", "v1"));
     let ratings_vip = SocketAddr::from((sb.addressing().service_ip(51), PORT));
@@ -1049,19 +1039,9 @@ spec:
 #[test]
 fn circuit_breaker_overflows_with_uo() {
     let mut sb = Sandbox::new(SandboxOptions::for_test("http-breaker")).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("fortio", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "fortio"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("fortio", NodeId::Xuegod63)).unwrap();
     let server = sb
-        .add_pod(
-            PodSpec::new("httpbin-v1", NodeId::Xuegod64)
-                .label("app", "httpbin")
-                .label("version", "v1"),
-        )
+        .add_pod(versioned("httpbin-v1", "httpbin", "v1", NodeId::Xuegod64))
         .unwrap();
     // Counts the connections open at once, as the server sees them.
     let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -1161,13 +1141,7 @@ fn redirect_rewrite_direct_response_and_headers() {
     // else in it reads the environment yet; the agent inherits it.
     unsafe { std::env::set_var("RUST_LOG", "info,access=debug") };
     let mut sb = Sandbox::new(SandboxOptions::for_test("http-rewrite")).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let web = sb
         .add_pod(PodSpec::new("web-v1", NodeId::Xuegod64).label("app", "web"))
         .unwrap();
@@ -1376,27 +1350,13 @@ spec:
 #[test]
 fn outlier_detection_ejects_a_failing_pod() {
     let mut sb = Sandbox::new(SandboxOptions::for_test("http-outlier")).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let good = sb
-        .add_pod(
-            PodSpec::new("httpbin-v1", NodeId::Xuegod64)
-                .label("app", "httpbin")
-                .label("version", "v1"),
-        )
+        .add_pod(versioned("httpbin-v1", "httpbin", "v1", NodeId::Xuegod64))
         .unwrap();
     serve_http(&good, app("httpbin", "v1"));
     let bad = sb
-        .add_pod(
-            PodSpec::new("httpbin-v2", NodeId::Xuegod64)
-                .label("app", "httpbin")
-                .label("version", "v2"),
-        )
+        .add_pod(versioned("httpbin-v2", "httpbin", "v2", NodeId::Xuegod64))
         .unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let counted = hits.clone();
@@ -1449,13 +1409,7 @@ spec:
 #[test]
 fn drain_closes_idle_keep_alive_connections() {
     let mut sb = Sandbox::new(SandboxOptions::for_test("http-drain")).unwrap();
-    let client = sb
-        .add_pod(
-            PodSpec::new("client", NodeId::Xuegod63)
-                .label("weir.dev/mesh", "enabled")
-                .label("app", "client"),
-        )
-        .unwrap();
+    let client = sb.add_pod(meshed("client", NodeId::Xuegod63)).unwrap();
     let web = sb
         .add_pod(PodSpec::new("web-v1", NodeId::Xuegod64).label("app", "web"))
         .unwrap();
